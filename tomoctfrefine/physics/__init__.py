@@ -1,0 +1,1 @@
+"""Physics as small pure functions: CTF, dose, Zernike aberrations, geometry (units in names)."""
