@@ -14,12 +14,20 @@ from ..errors import InputError
 SUBCOMMANDS = ("check", "refine", "simulate", "demo", "assess")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that say where to look (exit code 2, no usage dump)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}; see '{self.prog} --help'", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tomoctfrefine",
         description="Per-tilt CTF refinement for cryo-ET subtomogram averaging (RELION-compatible).",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -37,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        where = f"{parser.prog} {args.command}" if args.command else parser.prog
+        print(f"error: {where}: unknown flag(s) {' '.join(unknown)}; see '{where} --help'", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
