@@ -1,0 +1,329 @@
+"""Particle reconstruction from tilt series, as ``relion_tomo_reconstruct_particle`` does it.
+
+For each particle and each tilt in which it is visible, the box at its projected position is extracted
+(integer origin ``round(c) - s/2``, RELION's circular crop, centred unitary FFT, sub-pixel phase shift:
+the same observations as the refinement), multiplied by ``-CTF * D`` (tilt images have inverted contrast;
+``CTF`` with the particle's depth-dependent defocus, scale, B-factor and even aberrations, ``D`` the dose
+weight) and by ``exp(-i chi_odd)``, and inserted as a central slice into the 3D Fourier accumulator of its
+half set; ``(CTF D)^2`` is accumulated likewise. The half maps are then gridding-corrected, divided by the
+accumulated weight (RELION's heuristic floor of 0.001 x the shell average, or a Wiener constant 1/SNR),
+cropped and tapered. Maps have the particle centre at voxel ``s/2`` and RELION's hand, orientation and
+contrast (pinned by ``tests/test_reconstruct.py`` against RELION 5's own reconstruction of the fixture).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .kernels_reconstruct import backproject_slices
+from .physics.ctf import ctf_2d
+from .physics.dose import dose_weight
+from .physics.geometry import depth_defocus_offset_angstrom, fourier_grid_per_angstrom, project, visible
+from .physics.zernike import even_phase_rad, odd_phase_rad
+
+#: RELION's default ``--cutoff_fract``: frequencies whose dose weight is below it are not inserted.
+DOSE_CUTOFF_FRACTION = 0.01
+#: RELION's heuristic regularisation: the weight is floored at this fraction of its shell average.
+HEURISTIC_WEIGHT_FRACTION = 0.001
+#: RELION's ``--taper`` default (pixels).
+TAPER_PX = 10.0
+
+
+@dataclass
+class FourierAccumulators:
+    """Back-projected data and weights of the two half sets (numpy ``rfftn`` layout ``[kz, ky, kx]``).
+
+    Attributes
+    ----------
+    data_fs : complex128 (2, s, s, s//2+1)
+        Sum of ``-CTF D exp(-i chi_odd) X`` over inserted slices (origin at the box centre).
+    weight_fs : float64 (2, s, s, s//2+1)
+        Sum of ``(CTF D)^2``.
+    particle_count : int64 (2,)
+        Particles inserted per half set.
+    pixel_size_angstrom : float
+    """
+
+    data_fs: np.ndarray
+    weight_fs: np.ndarray
+    pixel_size_angstrom: float
+    particle_count: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.int64))
+
+    @classmethod
+    def empty(cls, box_size_px: int, pixel_size_angstrom: float) -> "FourierAccumulators":
+        shape = (2, box_size_px, box_size_px, box_size_px // 2 + 1)
+        return cls(np.zeros(shape, np.complex128), np.zeros(shape, np.float64), float(pixel_size_angstrom))
+
+    @property
+    def box_size_px(self) -> int:
+        return self.data_fs.shape[1]
+
+
+@dataclass
+class Reconstruction:
+    """Half maps and their average ``[z, y, x]``, at the tilt-series pixel size."""
+
+    half1: np.ndarray
+    half2: np.ndarray
+    merged: np.ndarray
+    pixel_size_angstrom: float
+    box_size_px: int
+    particle_count: tuple[int, int]
+
+
+def extract_boxes(tilt_images: np.ndarray, image_xy_px: np.ndarray, box_size_px: int) -> np.ndarray:
+    """RELION's observation of one particle in each tilt (spec §6.1), shape ``(n_tilts, s, s//2+1)``.
+
+    Box at integer origin ``round(c) - s/2`` (edge-clamped), minus the mean outside radius ``s/2`` and
+    tapered over its last 5 px, unitary ``rfft2`` with the box centre moved to the origin, then shifted by
+    the sub-pixel remainder so that the particle centre ``c`` sits exactly at the origin.
+
+    Parameters
+    ----------
+    tilt_images : (n_tilts, H, W) array
+    image_xy_px : (n_tilts, 2) array
+        Projected particle position ``c`` per tilt (pixels).
+    box_size_px : int
+        Even box size ``s``.
+    """
+    s = int(box_size_px)
+    n_tilts, height, width = tilt_images.shape
+    centre = np.floor(np.asarray(image_xy_px, dtype=float) + 0.5)
+    remainder = np.asarray(image_xy_px, dtype=float) - centre
+    origin = centre.astype(np.int64) - s // 2
+    offsets = np.arange(s)
+    coordinate = np.arange(s) - s / 2.0
+    radius = np.hypot(coordinate[None, :], coordinate[:, None])
+    outer = radius > s / 2.0
+    edge = s / 2.0
+    taper = np.where(radius < edge - 5.0, 1.0, np.where(radius < edge, 0.5 - 0.5 * np.cos(np.pi * (edge - radius) / 5.0), 0.0))
+    ky = np.fft.fftfreq(s)[:, None] * s
+    kx = np.fft.rfftfreq(s)[None, :] * s
+    out = np.empty((n_tilts, s, s // 2 + 1), np.complex128)
+    for f in range(n_tilts):
+        rows = np.clip(origin[f, 1] + offsets, 0, height - 1)
+        cols = np.clip(origin[f, 0] + offsets, 0, width - 1)
+        box = np.asarray(tilt_images[f][np.ix_(rows, cols)], dtype=np.float64)
+        box = taper * (box - box[outer].mean())
+        transform = np.fft.rfft2(np.fft.ifftshift(box), norm="ortho")
+        out[f] = transform * np.exp(2j * np.pi * (kx * remainder[f, 0] + ky * remainder[f, 1]) / s)
+    return out
+
+
+def backproject_tomogram(
+    accumulators: FourierAccumulators,
+    tilt_images: np.ndarray,
+    tomogram,
+    positions_px: np.ndarray,
+    rotations: np.ndarray,
+    half_sets: np.ndarray,
+    even_zernike: np.ndarray | list | None = None,
+    odd_zernike: np.ndarray | list | None = None,
+    trajectories_angstrom: np.ndarray | None = None,
+    dose_cutoff_fraction: float = DOSE_CUTOFF_FRACTION,
+    particle_chunk: int = 64,
+) -> None:
+    """Insert the CTF- and dose-weighted observations of one tomogram's particles into ``accumulators``.
+
+    Parameters
+    ----------
+    accumulators : FourierAccumulators
+        Modified in place.
+    tilt_images : (n_tilts, H, W) array
+        The tomogram's tilt series (contrast as recorded: dark particles).
+    tomogram : Tomogram
+        Geometry and per-tilt CTF (``tomoctfrefine.io.tomograms.Tomogram`` fields).
+    positions_px : (n, 3) array
+        Particle positions in the tomogram frame (pixels).
+    rotations : (n, 3, 3) array
+        ``A`` mapping reference to tomogram coordinates.
+    half_sets : (n,) array of 1 or 2
+    even_zernike, odd_zernike : sequences, optional
+        RELION Zernike coefficients (radius in 1/Å) of the particles' optics group.
+    trajectories_angstrom : (n, n_tilts, 3) array, optional
+        Per-tilt shifts in Å added to the positions for extraction (not for the depth defocus).
+    dose_cutoff_fraction : float
+        Frequencies with a dose weight at or below this fraction are not inserted (RELION's 0.01).
+    """
+    s = accumulators.box_size_px
+    pixel = float(tomogram.pixel_size_angstrom)
+    positions = np.asarray(positions_px, dtype=float).reshape(-1, 3)
+    if len(positions) == 0:
+        return
+    projections = np.asarray(tomogram.projection_matrices, dtype=float)
+    n_tilts = projections.shape[0]
+    fx, fy = fourier_grid_per_angstrom(s, pixel)
+    freq = np.hypot(fx, fy)
+    dose = np.stack(
+        [dose_weight(n, freq, float(tomogram.bfactor_per_electron_dose_angstrom2 or 0.0)) for n in tomogram.pre_exposure_e_per_angstrom2]
+    )
+    # RELION's findDoseXRanges: per row, pixels inside radius s/2 whose dose weight exceeds the cut-off;
+    # the 3D sphere a slice fills has the radius of its row-0 range.
+    radius_px = freq * s * pixel
+    kept = (dose > dose_cutoff_fraction) & (radius_px[None] <= s / 2.0)
+    dose = np.where(kept, dose, 0.0)
+    max_radius = kept[:, 0, :].sum(axis=1).astype(np.float64)
+    even_phase = even_phase_rad(list(even_zernike), fx, fy) if even_zernike is not None and len(even_zernike) else 0.0
+    odd_factor = (
+        np.exp(-1j * odd_phase_rad(list(odd_zernike), fx, fy)) if odd_zernike is not None and len(odd_zernike) else None
+    )
+    depth_offset = depth_defocus_offset_angstrom(
+        projections, positions, tomogram.size_px, float(tomogram.hand), pixel, float(tomogram.defocus_slope)
+    )
+    shifted = positions[:, None, :] + (0.0 if trajectories_angstrom is None else np.asarray(trajectories_angstrom) / pixel)
+    image_xyz = np.einsum("fij,pfj->pfi", projections[:, :3, :3], shifted) + projections[None, :, :3, 3]
+    is_visible = visible(image_xyz[..., :2], s, tuple(tomogram.image_size_px))
+    linear = projections[:, :3, :3]
+    defocus_u = np.asarray(tomogram.defocus_u_angstrom, dtype=float)
+    defocus_v = np.asarray(tomogram.defocus_v_angstrom, dtype=float)
+    angle = np.asarray(tomogram.defocus_angle_deg, dtype=float)
+    scale = np.asarray(tomogram.ctf_scale, dtype=float)
+    bfactor = np.asarray(getattr(tomogram, "ctf_bfactor_angstrom2", np.zeros(n_tilts)), dtype=float)
+    phase_shift = np.asarray(getattr(tomogram, "phase_shift_deg", np.zeros(n_tilts)), dtype=float)
+    sh = s // 2 + 1
+    for start in range(0, len(positions), particle_chunk):
+        stop = min(start + particle_chunk, len(positions))
+        slices, weights, matrices, halves, radii = [], [], [], [], []
+        for i in range(start, stop):
+            tilts = np.flatnonzero(is_visible[i])
+            if tilts.size == 0:
+                continue
+            observed = extract_boxes(tilt_images[tilts], image_xyz[i, tilts, :2], s)
+            for k, f in enumerate(tilts):
+                ctf = ctf_2d(
+                    defocus_u[f] + depth_offset[i, f],
+                    defocus_v[f] + depth_offset[i, f],
+                    angle[f],
+                    tomogram.optics,
+                    fx,
+                    fy,
+                    phase_shift_deg=phase_shift[f],
+                    bfactor_angstrom2=bfactor[f],
+                    scale=scale[f],
+                    even_phase_rad=even_phase,
+                )
+                modulation = -ctf * dose[f]
+                value = observed[k] * modulation
+                if odd_factor is not None:
+                    value = value * odd_factor
+                slices.append(value)
+                weights.append(modulation * modulation)
+                matrices.append(np.linalg.inv(linear[f] @ rotations[i]).T)
+                halves.append(int(half_sets[i]) - 1)
+                radii.append(max_radius[f])
+            accumulators.particle_count[int(half_sets[i]) - 1] += 1
+        if not slices:
+            continue
+        backproject_slices(
+            np.ascontiguousarray(np.stack(slices), dtype=np.complex128).reshape(-1, s, sh),
+            np.ascontiguousarray(np.stack(weights), dtype=np.float64).reshape(-1, s, sh),
+            np.ascontiguousarray(np.stack(matrices), dtype=np.float64),
+            np.asarray(halves, dtype=np.int64),
+            np.asarray(radii, dtype=np.float64),
+            accumulators.data_fs,
+            accumulators.weight_fs,
+        )
+
+
+def _radius_3d(s: int) -> np.ndarray:
+    """Signed-frequency radius (pixels) on the ``rfftn`` grid of an ``s^3`` volume."""
+    k = np.fft.fftfreq(s) * s
+    kx = np.fft.rfftfreq(s) * s
+    return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+
+
+def gridding_correct(data_fs: np.ndarray) -> np.ndarray:
+    """Real-space map of an accumulated transform, divided by ``sinc^2(r/s)`` (RELION's
+    ``griddingCorrect3D_sinc2``: radial, floored at 0.01), centre at voxel ``s/2``."""
+    s = data_fs.shape[0]
+    volume = np.fft.fftshift(np.fft.irfftn(data_fs, s=(s, s, s), norm="ortho"))
+    coordinate = np.arange(s) - s // 2
+    radius = np.sqrt(coordinate[:, None, None] ** 2 + coordinate[None, :, None] ** 2 + coordinate[None, None, :] ** 2)
+    sinc2 = np.sinc(radius / s) ** 2
+    return volume / np.maximum(sinc2, 1e-2)
+
+
+def shell_average_linear(values_fs: np.ndarray) -> np.ndarray:
+    """Radial average over the half grid with linear binning (RELION's ``fftwHalf_3D_lin``), ``s//2+1`` bins."""
+    s = values_fs.shape[0]
+    bins = s // 2 + 1
+    radius = _radius_3d(s).ravel()
+    lower = np.floor(radius).astype(np.int64)
+    t = radius - lower
+    total = np.zeros(bins + 1)
+    weight = np.zeros(bins + 1)
+    keep = lower < bins
+    np.add.at(total, lower[keep], (1 - t[keep]) * values_fs.ravel()[keep])
+    np.add.at(weight, lower[keep], 1 - t[keep])
+    np.add.at(total, lower[keep] + 1, t[keep] * values_fs.ravel()[keep])
+    np.add.at(weight, lower[keep] + 1, t[keep])
+    return np.where(weight[:bins] > 0, total[:bins] / np.where(weight[:bins] > 0, weight[:bins], 1), 0.0)
+
+
+def divide_by_weight(volume: np.ndarray, weight_fs: np.ndarray, snr: float | None = None) -> np.ndarray:
+    """CTF correction of a gridding-corrected map: ``F / (W + 1/SNR)`` when ``snr`` is given (Wiener),
+    else RELION's heuristic ``F / max(W, 0.001 <W>_shell)``; shells at radius ``>= s/2`` are zeroed."""
+    s = volume.shape[0]
+    transform = np.fft.rfftn(volume, norm="ortho")
+    radius = _radius_3d(s)
+    if snr is not None and snr > 0:
+        divisor = weight_fs + 1.0 / snr
+    else:
+        average = shell_average_linear(weight_fs)
+        lower = np.floor(radius).astype(np.int64)
+        inside = lower + 1 < len(average)
+        lower_c = np.minimum(lower, len(average) - 2)
+        frac = radius - lower
+        shell = (1 - frac) * average[lower_c] + frac * average[lower_c + 1]
+        divisor = np.maximum(weight_fs, HEURISTIC_WEIGHT_FRACTION * shell)
+        transform = np.where(inside, transform, 0.0)
+    transform = np.where(divisor > 0, transform / np.where(divisor > 0, divisor, 1.0), 0.0)
+    return np.fft.irfftn(transform, s=volume.shape, norm="ortho")
+
+
+def taper_sphere(volume: np.ndarray, taper_px: float = TAPER_PX) -> np.ndarray:
+    """RELION's ``Reconstruction::taper`` (centred): subtract the taper-weighted mean inside radius
+    ``s/2``, multiply by a raised cosine over the last ``taper_px`` pixels, zero outside."""
+    s = volume.shape[0]
+    half = s / 2.0
+    coordinate = np.arange(s) - half
+    radius = np.sqrt(coordinate[:, None, None] ** 2 + coordinate[None, :, None] ** 2 + coordinate[None, None, :] ** 2)
+    weight = np.where(radius < half - taper_px, 1.0, 0.5 - 0.5 * np.cos(np.pi * (half - radius) / taper_px))
+    weight = np.where(radius < half, weight, 0.0)
+    mean = (weight * volume).sum() / weight.sum()
+    return weight * (volume - mean)
+
+
+def crop_centre(volume: np.ndarray, crop_size_px: int) -> np.ndarray:
+    """Central ``crop^3`` of a cubic volume (RELION's ``unpadCenter3D_full``)."""
+    margin = (volume.shape[0] - crop_size_px) // 2
+    return volume[margin : margin + crop_size_px, margin : margin + crop_size_px, margin : margin + crop_size_px]
+
+
+def finalise_map(
+    data_fs: np.ndarray,
+    weight_fs: np.ndarray,
+    crop_size_px: int | None = None,
+    snr: float | None = None,
+    taper_px: float = TAPER_PX,
+) -> np.ndarray:
+    """Gridding correction, CTF correction, crop and taper of one accumulated half (or their sum)."""
+    volume = divide_by_weight(gridding_correct(data_fs), weight_fs, snr)
+    if crop_size_px is not None and 0 < crop_size_px < volume.shape[0]:
+        volume = crop_centre(volume, crop_size_px)
+    return taper_sphere(volume, taper_px).astype(np.float32)
+
+
+def finalise(accumulators: FourierAccumulators, crop_size_px: int | None = None, snr: float | None = None) -> Reconstruction:
+    """Half maps and the map of both halves together (``(D1 + D2) / (W1 + W2)``, as RELION's merged)."""
+    data, weight = accumulators.data_fs, accumulators.weight_fs
+    half1 = finalise_map(data[0], weight[0], crop_size_px, snr)
+    half2 = finalise_map(data[1], weight[1], crop_size_px, snr)
+    merged = finalise_map(data[0] + data[1], weight[0] + weight[1], crop_size_px, snr)
+    return Reconstruction(
+        half1, half2, merged, accumulators.pixel_size_angstrom, accumulators.box_size_px,
+        (int(accumulators.particle_count[0]), int(accumulators.particle_count[1])),
+    )
