@@ -4,7 +4,9 @@ For one tomogram, tilt ``f`` and Fourier pixel ``k`` (numpy ``rfft2`` grid, shap
 indexed ``[y, x]``), summed over the particles ``i`` visible in that tilt:
 
 * ``q_ik``: the CTF-free, dose-weighted prediction of particle i (central slice of its own half map,
-  normalised so that a true projection has scale 1, i.e. box-independent);
+  normalised so that a true projection has scale 1, i.e. box-independent) *with the contrast
+  inversion of raw tilt images*: ``q = -sqrt(s) D F_h(M^T k) = -forward.predict(...)`` (RELION's
+  accumulators use the same sign, ``q = -c_f D F_h``), so that the fitted scale ``c`` is positive;
 * ``gamma_ik``: the CTF phase of particle i at the *current* parameters (tilt's central defocus plus the
   particle's depth offset, current even aberrations, amplitude contrast, phase shift);
 * ``o_ik``: the observed box (raw: odd aberrations are *not* removed, so that they can be fitted);
@@ -29,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft
 
 
 @dataclass
@@ -86,3 +89,130 @@ class TiltStatistics:
             if "flipped_a_ss" in data:
                 flipped = cls(**{n: data[f"flipped_{n}"] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common)
             return cls(**{n: data[n] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common, flipped_hand=flipped)
+
+
+def _empty_like_statistics(n_tilts: int, box_size_px: int) -> dict:
+    shape = (n_tilts, box_size_px, box_size_px // 2 + 1)
+    real = {name: np.zeros(shape) for name in ("a_ss", "a_sc", "a_cc", "oo")}
+    complex_ = {name: np.zeros(shape, dtype=np.complex128) for name in ("b_s", "b_c")}
+    return {**real, **complex_}
+
+
+def compute_statistics(
+    tomogram,
+    tilt_images: np.ndarray,
+    positions_px: np.ndarray,
+    rotations: np.ndarray,
+    half_sets: np.ndarray,
+    references,
+    weights: np.ndarray,
+    even_zernike=(),
+    *,
+    with_flipped_hand: bool = False,
+    trajectory_shifts_angstrom: np.ndarray | None = None,
+    tilts=None,
+    chunk_megabytes: float = 64.0,
+) -> TiltStatistics:
+    """Accumulate the sufficient statistics of one tomogram, streaming over tilts and particle chunks.
+
+    Parameters
+    ----------
+    tomogram : Tomogram
+        Geometry and the *current* CTF of every tilt (see :mod:`tomoctfrefine.forward`).
+    tilt_images : ndarray (n_tilts, H, W)
+        The tilt stack (may be memory-mapped; one tilt is read at a time).
+    positions_px : ndarray (n_particles, 3)
+        Particle positions in the tomogram frame (px), e.g. ``io.particle_positions_px``.
+    rotations : ndarray (n_particles, 3, 3)
+        Reference-to-tomogram rotations ``A = A_sub A_part``.
+    half_sets : ndarray (n_particles,)
+        RELION's ``rlnRandomSubset`` (1 or 2): each particle is predicted from its own half map.
+    references : PreparedReferences
+    weights : ndarray (n_tilts, s, s//2+1) or (s, s//2+1)
+        Frequency weights (noise weight times cut-off weight, optionally times the row-range mask).
+        The DC pixel is always excluded.
+    even_zernike : sequence of float
+        Current even Zernike coefficients (RELION order, rad), added to gamma.
+    with_flipped_hand : bool
+        Also accumulate the statistics with the opposite defocus hand (``flipped_hand``; shares ``oo``).
+    trajectory_shifts_angstrom : ndarray (n_particles, n_tilts, 3) or None
+        Per-tilt particle shifts (moves the boxes, not the depth defocus, as in RELION).
+    tilts : sequence of int or None
+        Only these tilts are accumulated (others stay zero); default all.
+    chunk_megabytes : float
+        Memory for the boxes of one chunk of particles.
+
+    Returns
+    -------
+    TiltStatistics
+    """
+    from . import forward, kernels
+
+    s = references.box_size_px
+    sh = s // 2 + 1
+    n_tilts = len(tomogram.projection_matrices)
+    weights = np.broadcast_to(np.asarray(weights, dtype=np.float64), (n_tilts, s, sh)).copy()
+    weights[:, 0, 0] = 0.0
+    positions_px = np.asarray(positions_px, dtype=float)
+    image_positions = forward.image_positions_px(tomogram, positions_px, trajectory_shifts_angstrom)
+    seen = forward.visibility(tomogram, image_positions, s)
+    matrices = forward.particle_matrices(tomogram, np.asarray(rotations, dtype=float))
+    halves = np.asarray(half_sets, dtype=np.int64) - 1
+    if np.any((halves < 0) | (halves > 1)):
+        raise ValueError("half sets must be 1 or 2")
+    k1 = np.pi * tomogram.optics.wavelength_angstrom
+    depth_phase = k1 * forward.depth_defocus_angstrom(tomogram, positions_px)
+    gamma = forward.tilt_gamma(tomogram, s, even_zernike)
+    damping = forward.tilt_damping(tomogram, s)
+    fx, fy = forward.fourier_grid_per_angstrom(s, tomogram.pixel_size_angstrom)
+    freq2 = fx**2 + fy**2
+    max_radius2 = float(references.max_radius_px) ** 2
+    factor = -np.sqrt(s)
+
+    stats = _empty_like_statistics(n_tilts, s)
+    flipped = _empty_like_statistics(n_tilts, s) if with_flipped_hand else None
+    dummy_real = np.zeros((1, 1))
+    dummy_complex = np.zeros((1, 1), dtype=np.complex128)
+    chunk = max(1, int(chunk_megabytes * 2**20 / (s * s * 4 + s * sh * 8)))
+    counts = np.zeros(n_tilts, dtype=np.int64)
+    for f in range(n_tilts) if tilts is None else tilts:
+        rows = np.nonzero(seen[:, f])[0]
+        counts[f] = len(rows)
+        if not len(rows):
+            continue
+        image = np.ascontiguousarray(tilt_images[f], dtype=np.float32)
+        for start in range(0, len(rows), chunk):
+            batch = rows[start:start + chunk]
+            origins, shifts = forward.box_origins_and_shifts(image_positions[batch, f], s)
+            boxes = np.empty((len(batch), s, s), dtype=np.float32)
+            kernels.extract_boxes(image, origins, boxes)
+            spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=-1).astype(np.complex64, copy=False)
+            del boxes
+            flip = flipped if flipped is not None else None
+            kernels.accumulate_tilt_statistics(
+                spectra,
+                np.ascontiguousarray(shifts, dtype=np.float64),
+                references.half_maps_ft,
+                halves[batch],
+                np.ascontiguousarray(matrices[batch, f]),
+                np.ascontiguousarray(depth_phase[batch, f]),
+                max_radius2,
+                gamma[f],
+                freq2,
+                damping[f],
+                weights[f],
+                factor,
+                flip is not None,
+                stats["a_ss"][f], stats["a_sc"][f], stats["a_cc"][f], stats["b_s"][f], stats["b_c"][f], stats["oo"][f],
+                flip["a_ss"][f] if flip else dummy_real,
+                flip["a_sc"][f] if flip else dummy_real,
+                flip["a_cc"][f] if flip else dummy_real,
+                flip["b_s"][f] if flip else dummy_complex,
+                flip["b_c"][f] if flip else dummy_complex,
+            )
+    common = dict(particle_count=counts, box_size_px=s, pixel_size_angstrom=float(tomogram.pixel_size_angstrom))
+    flipped_stats = None
+    if flipped is not None:
+        flipped["oo"] = stats["oo"]
+        flipped_stats = TiltStatistics(**flipped, **common)
+    return TiltStatistics(**stats, **common, flipped_hand=flipped_stats)

@@ -1,0 +1,229 @@
+"""numba kernels of the project (all of them live here): arrays in, arrays out, cached compilation.
+
+Conventions: 2D Fourier arrays are numpy ``rfft2`` grids ``[y, x]`` of shape ``(s, s//2+1)`` with
+signed ``ky = y`` for ``y < s/2`` else ``y - s``; 3D references are ``rfftn`` grids ``[kz, ky, kx]`` of
+shape ``(n, n, n//2+1)`` (``n`` may be smaller than ``s`` for cropped references).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, inline="always")
+def _sample_half_complex(ref, ux, uy, uz, max_radius2):
+    """Trilinear sample of a half-complex 3D FT at ``u`` (pixels), RELION's linearXYZ_FftwHalf_complex:
+    conjugate branch for ``ux <= 0``, wrap in y and z, x upper neighbour clamped to ``nh - 2``."""
+    if ux * ux + uy * uy + uz * uz > max_radius2:
+        return 0j
+    conjugate = False
+    if ux <= 0.0:
+        ux = -ux
+        uy = -uy
+        uz = -uz
+        conjugate = True
+    n = ref.shape[0]
+    nh = ref.shape[2]
+    x0 = int(np.floor(ux))
+    y0 = int(np.floor(uy))
+    z0 = int(np.floor(uz))
+    fx = ux - x0
+    fy = uy - y0
+    fz = uz - z0
+    x1 = x0 + 1
+    if x1 >= nh:
+        x1 = nh - 2
+    if x0 >= nh:
+        x0 = nh - 1
+    y0 = y0 % n
+    z0 = z0 % n
+    y1 = (y0 + 1) % n
+    z1 = (z0 + 1) % n
+    v00 = (1.0 - fx) * ref[z0, y0, x0] + fx * ref[z0, y0, x1]
+    v10 = (1.0 - fx) * ref[z0, y1, x0] + fx * ref[z0, y1, x1]
+    v01 = (1.0 - fx) * ref[z1, y0, x0] + fx * ref[z1, y0, x1]
+    v11 = (1.0 - fx) * ref[z1, y1, x0] + fx * ref[z1, y1, x1]
+    v0 = (1.0 - fy) * v00 + fy * v10
+    v1 = (1.0 - fy) * v01 + fy * v11
+    value = complex((1.0 - fz) * v0 + fz * v1)
+    if conjugate:
+        return value.conjugate()
+    return value
+
+
+@njit(cache=True, parallel=True)
+def central_slices(references, half_index, matrices, max_radius2, out):
+    """Central slices ``F_h(M^T k)`` of many (particle, tilt) pairs.
+
+    Parameters
+    ----------
+    references : complex64 (2, n, n, n//2+1)
+    half_index : int64 (m,)          0 or 1: the half map of each pair
+    matrices : float64 (m, 3, 3)     M = P_3x3 A (image frame <- reference frame)
+    max_radius2 : float              squared radius (px) beyond which the slice is 0
+    out : complex64 (m, s, s//2+1)   written
+    """
+    m = out.shape[0]
+    s = out.shape[1]
+    sh = out.shape[2]
+    for p in prange(m):
+        ref = references[half_index[p]]
+        mat = matrices[p]
+        for y in range(s):
+            ky = y if y < s // 2 else y - s
+            for x in range(sh):
+                ux = mat[0, 0] * x + mat[1, 0] * ky
+                uy = mat[0, 1] * x + mat[1, 1] * ky
+                uz = mat[0, 2] * x + mat[1, 2] * ky
+                out[p, y, x] = _sample_half_complex(ref, ux, uy, uz, max_radius2)
+
+
+@njit(cache=True, parallel=True)
+def extract_boxes(image, origins, out):
+    """Cut ``s x s`` boxes out of one tilt image, edge-clamped, RELION's cropCircle taper, centred.
+
+    Box pixel ``(x, y)`` reads ``image[clamp(oy + y), clamp(ox + x)]``; then the mean of the corners
+    (``r > s/2`` from ``(s/2, s/2)``) is subtracted and the box multiplied by a 5 px cosine edge ending
+    at ``r = s/2``; finally the box is written rolled by ``s/2`` (centre at pixel 0) so that a plain
+    FFT puts the box centre at the origin.
+
+    Parameters
+    ----------
+    image : float32 (H, W)
+    origins : int64 (m, 2)       (ox, oy) = round(c) - s/2
+    out : float32 (m, s, s)      written
+    """
+    m = out.shape[0]
+    s = out.shape[1]
+    height = image.shape[0]
+    width = image.shape[1]
+    radius = s / 2.0
+    edge = 5.0
+    for p in prange(m):
+        ox = origins[p, 0]
+        oy = origins[p, 1]
+        total = 0.0
+        count = 0
+        for y in range(s):
+            yy = min(max(oy + y, 0), height - 1)
+            dy = y - radius
+            for x in range(s):
+                xx = min(max(ox + x, 0), width - 1)
+                dx = x - radius
+                if dx * dx + dy * dy > radius * radius:
+                    total += image[yy, xx]
+                    count += 1
+        outside_mean = total / count if count > 0 else 0.0
+        for y in range(s):
+            yy = min(max(oy + y, 0), height - 1)
+            dy = y - radius
+            ty = (y + s // 2) % s
+            for x in range(s):
+                xx = min(max(ox + x, 0), width - 1)
+                dx = x - radius
+                r = np.sqrt(dx * dx + dy * dy)
+                if r < radius - edge:
+                    c = 1.0
+                elif r < radius:
+                    c = 0.5 - 0.5 * np.cos(np.pi * (radius - r) / edge)
+                else:
+                    c = 0.0
+                out[p, ty, (x + s // 2) % s] = c * (image[yy, xx] - outside_mean)
+
+
+@njit(cache=True, parallel=True)
+def shift_observations(observations, shifts, out):
+    """Multiply each box FT by ``exp(+2 pi i (kx t_x + ky t_y) / s)``: the sub-pixel part ``t`` of the
+    particle position moves to the origin.
+
+    observations : complex64 (m, s, s//2+1) ; shifts : float64 (m, 2) ; out : complex64, written
+    """
+    m = observations.shape[0]
+    s = observations.shape[1]
+    sh = observations.shape[2]
+    for p in prange(m):
+        tx = shifts[p, 0]
+        ty = shifts[p, 1]
+        for y in range(s):
+            ky = y if y < s // 2 else y - s
+            for x in range(sh):
+                phase = 2.0 * np.pi * (x * tx + ky * ty) / s
+                out[p, y, x] = observations[p, y, x] * complex(np.cos(phase), np.sin(phase))
+
+
+@njit(cache=True, parallel=True)
+def accumulate_tilt_statistics(
+    observations,
+    shifts,
+    references,
+    half_index,
+    matrices,
+    depth_phase,
+    max_radius2,
+    gamma,
+    freq2,
+    dose,
+    weight,
+    prediction_factor,
+    with_flipped,
+    a_ss, a_sc, a_cc, b_s, b_c, oo,
+    f_ss, f_sc, f_cc, fb_s, fb_c,
+):
+    """Add the sufficient statistics of a batch of particles in one tilt (see ``statistics.py``).
+
+    For every pixel with ``weight > 0`` and particle ``i``:
+    ``q = prediction_factor * dose * F_h(M_i^T k)`` (``prediction_factor = -sqrt(s)``: unitary 2D FT of
+    the projection, with the contrast inversion of raw images), ``o`` = observation shifted by the
+    sub-pixel offset, ``gamma_i = gamma - depth_phase_i * freq2`` (the particle's depth defocus);
+    the flipped-hand statistics use ``gamma + depth_phase_i * freq2``.
+
+    Parallel over image rows: each pixel's accumulators belong to one thread, so there are no
+    per-thread copies and the sums do not depend on the thread count.
+
+    observations : complex64 (m, s, sh) box FTs (centred, not shifted) ; shifts : float64 (m, 2)
+    references : complex64 (2, n, n, n//2+1) ; half_index : int64 (m,) ; matrices : float64 (m, 3, 3)
+    depth_phase : float64 (m,) ``pi lambda dz_i`` (rad Å²) ; gamma, freq2, dose, weight : float64 (s, sh)
+    a_* , oo : float64 (s, sh) ; b_* : complex128 (s, sh) (accumulated into) ; f_* / fb_* flipped.
+    """
+    m = observations.shape[0]
+    s = observations.shape[1]
+    sh = observations.shape[2]
+    for y in prange(s):
+        ky = y if y < s // 2 else y - s
+        for p in range(m):
+            ref = references[half_index[p]]
+            mat = matrices[p]
+            tx = shifts[p, 0]
+            ty = shifts[p, 1]
+            dphase = depth_phase[p]
+            for x in range(sh):
+                w = weight[y, x]
+                if w == 0.0:
+                    continue
+                ux = mat[0, 0] * x + mat[1, 0] * ky
+                uy = mat[0, 1] * x + mat[1, 1] * ky
+                uz = mat[0, 2] * x + mat[1, 2] * ky
+                q = prediction_factor * dose[y, x] * _sample_half_complex(ref, ux, uy, uz, max_radius2)
+                phase = 2.0 * np.pi * (x * tx + ky * ty) / s
+                o = complex(observations[p, y, x]) * complex(np.cos(phase), np.sin(phase))
+                n = q.real * q.real + q.imag * q.imag
+                z = o * q.conjugate()
+                g = gamma[y, x] - dphase * freq2[y, x]
+                sg = np.sin(g)
+                cg = np.cos(g)
+                wn = w * n
+                a_ss[y, x] += wn * sg * sg
+                a_sc[y, x] += wn * sg * cg
+                a_cc[y, x] += wn * cg * cg
+                b_s[y, x] += w * sg * z
+                b_c[y, x] += w * cg * z
+                oo[y, x] += w * (o.real * o.real + o.imag * o.imag)
+                if with_flipped:
+                    g = gamma[y, x] + dphase * freq2[y, x]
+                    sg = np.sin(g)
+                    cg = np.cos(g)
+                    f_ss[y, x] += wn * sg * sg
+                    f_sc[y, x] += wn * sg * cg
+                    f_cc[y, x] += wn * cg * cg
+                    fb_s[y, x] += w * sg * z
+                    fb_c[y, x] += w * cg * z

@@ -1,0 +1,349 @@
+"""Reference preparation and frequency weights (RELION's ``reference_map.cpp``, ``refinement.cpp``).
+
+All Fourier arrays use numpy's layouts: 2D weights on the ``rfft2`` grid, shape ``(s, s//2+1)``
+indexed ``[y, x]`` (Nyquist row negative); 3D references on the ``rfftn`` grid of a ``[z, y, x]``
+map, shape ``(n, n, n//2+1)`` indexed ``[kz, ky, kx]``. All transforms are unitary (``norm="ortho"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+
+from .errors import InputError, Problem
+
+
+@dataclass(frozen=True)
+class PreparedReferences:
+    """The two half references, ready for central-slice extraction.
+
+    Attributes
+    ----------
+    half_maps_ft : ndarray, complex64, shape (2, n, n, n//2+1)
+        Unitary 3D FT (``[kz, ky, kx]``) of half map 1 and 2 after mask, padding, taper and
+        presharpening, with the origin moved to the box centre ``s//2``. ``n == box_size_px`` unless
+        the grid was cropped (:meth:`cropped`): then only frequencies up to ``max_radius_px`` are kept.
+    box_size_px : int
+        The box ``s`` the references were padded to (frequencies are in units of ``1/s``).
+    pixel_size_angstrom : float
+        Voxel size of the half maps (from their header; only used to convert ``--freq_cutoff``).
+    max_radius_px : float
+        Frequencies beyond this radius (in ``1/s`` units) are not represented: slices return 0 there.
+    """
+
+    half_maps_ft: np.ndarray
+    box_size_px: int
+    pixel_size_angstrom: float
+    max_radius_px: float
+
+    def cropped(self, max_radius_px: float) -> "PreparedReferences":
+        """A copy that keeps only the frequencies a slice can reach within ``max_radius_px``.
+
+        Trilinear interpolation at radius ``r`` reads neighbours up to ``r + sqrt(3)``, so the
+        cropped grid is ``n = 2 * ceil(max_radius_px + 2)`` (never larger than the full grid). This
+        cuts memory by ``(n/s)^3`` when the frequency weights vanish well below Nyquist.
+        """
+        s = self.half_maps_ft.shape[1]
+        half = int(np.ceil(max_radius_px + 2))
+        if 2 * half >= s:
+            return self
+        rows = np.r_[0:half, s - half:s]
+        cropped = self.half_maps_ft[:, rows][:, :, rows][:, :, :, : half + 1]
+        return PreparedReferences(np.ascontiguousarray(cropped), self.box_size_px, self.pixel_size_angstrom,
+                                  float(max_radius_px))
+
+
+def pad_volume(volume: np.ndarray, box_size_px: int) -> np.ndarray:
+    """Zero-pad a cubic map symmetrically by ``(s - n)//2`` on each side to ``s``³ (RELION's padCenter3D)."""
+    n = volume.shape[0]
+    if n > box_size_px:
+        raise ValueError(f"reference is {n} px, larger than the box {box_size_px} px")
+    if n == box_size_px:
+        return volume.astype(np.float64, copy=True)
+    out = np.zeros((box_size_px,) * 3)
+    start = (box_size_px - n) // 2
+    out[start:start + n, start:start + n, start:start + n] = volume
+    return out
+
+
+def _radius_from_centre(box_size_px: int) -> np.ndarray:
+    axis = np.arange(box_size_px) - box_size_px // 2
+    return np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+
+
+def taper_volume(volume: np.ndarray, edge_width_px: float = 10.0) -> np.ndarray:
+    """RELION's ``Reconstruction::taper``: spherical cosine edge of ``edge_width_px`` ending at ``s/2``.
+
+    ``c(r) = 1`` below ``s/2 - w``, ``1/2 - 1/2 cos(pi (s/2 - r)/w)`` up to ``s/2``, 0 beyond; the
+    ``c``-weighted mean inside ``s/2`` is subtracted before multiplying by ``c``.
+    """
+    s = volume.shape[0]
+    half = s / 2.0
+    r = _radius_from_centre(s)
+    c = np.where(r < half - edge_width_px, 1.0, 0.5 - 0.5 * np.cos(np.pi * (half - r) / edge_width_px))
+    c = np.where(r < half, c, 0.0)
+    mean = np.sum(c * volume) / np.sum(c)
+    return c * (volume - mean)
+
+
+def presharpen(volume: np.ndarray) -> np.ndarray:
+    """Divide by ``sinc²(r/s) + 0.02`` (pre-compensates trilinear interpolation in Fourier space).
+
+    As RELION does, the centre voxel (``r = 0``) is set to 0.
+    """
+    s = volume.shape[0]
+    u = _radius_from_centre(s) / s
+    factor = np.sinc(u) ** 2 + 0.02
+    out = volume / factor
+    out[s // 2, s // 2, s // 2] = 0.0
+    return out
+
+
+def centred_fourier_transform(volume: np.ndarray) -> np.ndarray:
+    """Unitary 3D rfft with the origin moved from voxel 0 to voxel ``s//2`` (factor ``(-1)^(x+y+z)``)."""
+    s = volume.shape[0]
+    ft = scipy.fft.rfftn(volume, norm="ortho")
+    iz, iy, ix = np.ogrid[0:s, 0:s, 0:s // 2 + 1]
+    sign = 1 - 2 * ((iz + iy + ix) % 2)
+    return ft * sign
+
+
+def prepare_references(
+    half1: np.ndarray,
+    half2: np.ndarray,
+    mask: np.ndarray | None,
+    box_size_px: int,
+    pixel_size_angstrom: float = 1.0,
+    *,
+    map_paths: tuple[str, str] = ("half map 1", "half map 2"),
+) -> PreparedReferences:
+    """Mask, pad to ``s``, taper (10 px), presharpen and Fourier transform both half maps (spec 5.4).
+
+    Parameters
+    ----------
+    half1, half2 : ndarray, shape (n, n, n), [z, y, x]
+        Half maps at the tilt-series pixel size (no resampling is done, as in RELION).
+    mask : ndarray or None
+        Multiplied into both half maps.
+    box_size_px : int
+        Estimation box ``s`` (even); the maps are zero-padded to it.
+    pixel_size_angstrom : float
+        Voxel size from the map header (kept for ``--freq_cutoff``).
+    map_paths : tuple of str
+        Names used in error messages.
+
+    Returns
+    -------
+    PreparedReferences
+    """
+    problems = []
+    if half1.shape != half2.shape or half1.ndim != 3 or len(set(half1.shape)) != 1:
+        problems.append(Problem(map_paths[1], f"half maps must be cubic and of equal size, got {half1.shape} and {half2.shape}",
+                                "use the two half maps of the same refinement"))
+    elif half1.shape[0] > box_size_px:
+        problems.append(Problem(map_paths[0], f"reference is {half1.shape[0]} px, larger than the box {box_size_px} px",
+                                "choose a box size at least as large as the reference", "--b"))
+    if mask is not None and mask.shape != half1.shape:
+        problems.append(Problem("mask", f"mask has shape {mask.shape}, the half maps {half1.shape}",
+                                "use a mask of the same size as the half maps"))
+    if box_size_px % 2:
+        problems.append(Problem("--b", f"box size {box_size_px} is odd", "use an even box size", "--b"))
+    if problems:
+        raise InputError(problems)
+    out = np.empty((2, box_size_px, box_size_px, box_size_px // 2 + 1), dtype=np.complex64)
+    for i, half in enumerate((half1, half2)):
+        volume = np.asarray(half, dtype=np.float64)
+        if mask is not None:
+            volume = volume * mask
+        volume = presharpen(taper_volume(pad_volume(volume, box_size_px)))
+        out[i] = centred_fourier_transform(volume)
+    return PreparedReferences(out, box_size_px, float(pixel_size_angstrom), float(np.inf))
+
+
+# --------------------------------------------------------------------------------------------
+# Frequency weights
+
+
+def radius_px(box_size_px: int) -> np.ndarray:
+    """Radius ``sqrt(x² + ky²)`` (in ``1/s`` units) of every pixel of the ``rfft2`` grid, ``(s, s//2+1)``."""
+    ky = np.fft.fftfreq(box_size_px, 1.0 / box_size_px)[:, None]
+    kx = np.arange(box_size_px // 2 + 1)[None, :]
+    return np.sqrt(kx**2 + ky**2)
+
+
+def radial_average(power: np.ndarray) -> np.ndarray:
+    """RELION's linear-binning radial average of a half-plane image ``(s, s//2+1)`` into ``s//2+1`` bins.
+
+    Each pixel adds weight ``1-t`` to bin ``floor(r)`` and ``t`` to ``floor(r)+1`` (``t = r - floor(r)``).
+    """
+    s = power.shape[-2]
+    sh = s // 2 + 1
+    r = radius_px(s)
+    r0 = np.floor(r).astype(int)
+    t = r - r0
+    values = np.zeros(sh)
+    weights = np.zeros(sh)
+    for index, weight in ((r0, 1.0 - t), (r0 + 1, t)):
+        inside = index < sh
+        np.add.at(values, index[inside], (weight * power)[inside])
+        np.add.at(weights, index[inside], weight[inside])
+    return np.divide(values, weights, out=np.zeros(sh), where=weights > 0)
+
+
+def radial_expand(profile: np.ndarray, box_size_px: int) -> np.ndarray:
+    """Linear interpolation of a radial profile (bins of 1/s) onto the ``rfft2`` grid; the last bin's
+    value beyond the table."""
+    r = radius_px(box_size_px)
+    r0 = np.floor(r).astype(int)
+    t = r - r0
+    n = len(profile)
+    inside = r0 + 1 < n
+    low = profile[np.minimum(r0, n - 1)]
+    high = profile[np.minimum(r0 + 1, n - 1)]
+    return np.where(inside, (1 - t) * low + t * high, profile[-1])
+
+
+def periodogram_average(image: np.ndarray, box_size_px: int) -> np.ndarray:
+    """Mean ``|F|²`` (unitary rfft2, no window, no mean removal) over ``s x s`` tiles at step ``s//2``."""
+    s = box_size_px
+    step = s // 2
+    height, width = image.shape
+    if height < s or width < s:
+        raise ValueError(f"tilt image {width}x{height} is smaller than the box {s}")
+    xs = step * np.arange((width - s) // step + 1)
+    ys = step * np.arange((height - s) // step + 1)
+    total = np.zeros((s, s // 2 + 1))
+    for y in ys:
+        strip = np.asarray(image[y:y + s], dtype=np.float32)
+        tiles = np.stack([strip[:, x:x + s] for x in xs])
+        ft = scipy.fft.rfft2(tiles, norm="ortho", workers=-1)
+        total += np.sum(ft.real.astype(np.float64) ** 2 + ft.imag.astype(np.float64) ** 2, axis=0)
+    return total / (len(xs) * len(ys))
+
+
+def noise_weights(tilt_images: np.ndarray, box_size_px: int, per_frame: bool = False) -> np.ndarray:
+    """Inverse noise power per tilt and Fourier pixel (spec 5.1), shape ``(n_tilts, s, s//2+1)``.
+
+    Each tilt's power spectrum is the periodogram average over tiles of the whole image, radially
+    averaged and interpolated back to 2D. With ``per_frame=False`` (RELION's default) every tilt
+    gets ``1 / mean_f P_f``, otherwise ``1 / P_f``.
+    """
+    n_tilts = tilt_images.shape[0]
+    inverse = np.empty((n_tilts, box_size_px, box_size_px // 2 + 1))
+    for f in range(n_tilts):
+        power = radial_average(periodogram_average(tilt_images[f], box_size_px))
+        with np.errstate(divide="ignore"):
+            inverse[f] = radial_expand(1.0 / power, box_size_px)
+    if per_frame:
+        return inverse
+    positive = inverse > 0
+    with np.errstate(divide="ignore"):
+        summed = np.sum(np.where(positive, 1.0 / np.where(positive, inverse, 1.0), 0.0), axis=0)
+    static = np.divide(n_tilts, summed, out=np.zeros_like(summed), where=summed > 0)
+    return np.broadcast_to(static, inverse.shape).copy()
+
+
+def snr_from_fsc(fsc: np.ndarray, box_size_px: int) -> tuple[np.ndarray, int]:
+    """Shell SNR weight ``2F/(F+1)`` and last good shell from an FSC table (spec 5.2).
+
+    ``fsc`` holds the values by spectral index (``rlnFourierShellCorrelationCorrected``); values
+    below 0.143 are set to 0; the table is mapped to the box by index ratio ``2(n_fsc-1)/s``.
+    """
+    values = np.array(fsc, dtype=float)
+    bad = values < 0.143
+    first_bad = int(np.argmax(bad)) if bad.any() else len(values)
+    values[bad] = 0.0
+    sh = box_size_px // 2 + 1
+    scale = 2.0 * (len(values) - 1) / box_size_px
+    weight = np.zeros(sh)
+    for r in range(sh):
+        r_fsc = scale * r
+        r0 = int(r_fsc)
+        if r0 + 1 < len(values):
+            t = r_fsc - r0
+            value = (1 - t) * values[r0] + t * values[r0 + 1]
+            weight[r] = 2.0 * value / (value + 1.0)
+    return weight, int((first_bad - 1) / scale)
+
+
+def snr_from_half_maps(references: PreparedReferences) -> tuple[np.ndarray, int]:
+    """Shell SNR weight ``(tau² - sigma²)/tau²`` and last shell (first below 0.05, minus 1) estimated
+    from the two prepared half maps (shells ``round(|k|)``), RELION's fallback without an FSC."""
+    maps = references.half_maps_ft
+    n = maps.shape[1]
+    s = references.box_size_px
+    sh = s // 2 + 1
+    k = np.fft.fftfreq(n, 1.0 / n)
+    radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2)
+    shell = np.floor(radius + 0.5).astype(int)
+    inside = shell < sh
+    f1 = maps[0].astype(np.complex128)
+    f2 = maps[1].astype(np.complex128)
+    counts = np.bincount(shell[inside], minlength=sh)
+    tau2 = np.bincount(shell[inside], weights=((np.abs(f1) ** 2 + np.abs(f2) ** 2) / 2)[inside], minlength=sh)
+    sigma2 = np.bincount(shell[inside], weights=(np.abs(f1 - f2) ** 2 / 2)[inside], minlength=sh)
+    tau2 = np.divide(tau2, counts, out=np.zeros(sh), where=counts > 0)
+    sigma2 = np.divide(sigma2, counts, out=np.zeros(sh), where=counts > 0)
+    weight = np.where((tau2 > 0) & (tau2 > sigma2), (tau2 - sigma2) / np.where(tau2 > 0, tau2, 1.0), 0.0)
+    below = np.nonzero(weight < 0.05)[0]
+    last_shell = int(below[0]) - 1 if len(below) else sh - 1
+    if last_shell < 0:
+        last_shell = sh - 1
+    return weight, last_shell
+
+
+def frequency_cutoff_weight(
+    references: PreparedReferences,
+    *,
+    fsc: np.ndarray | None = None,
+    freq_cutoff_angstrom: float | None = None,
+    fsc_thresh_width_px: float = 5.0,
+    use_snr_weight: bool = False,
+) -> np.ndarray:
+    """Reference SNR weight times the cut-off envelope on the ``rfft2`` grid (spec 5.2).
+
+    Parameters
+    ----------
+    references : PreparedReferences
+        Used for the box size, the map pixel size and (without ``fsc``) the half-map SNR estimate.
+    fsc : array or None
+        FSC values by spectral index (RELION ``--fsc``); without it the SNR and the last shell are
+        estimated from the half maps.
+    freq_cutoff_angstrom : float or None
+        RELION ``--freq_cutoff``: lowers the last shell to ``int(s p / X)`` if that is smaller.
+    fsc_thresh_width_px : float
+        Width of the cosine fall-off after the last shell (RELION ``--fsc_thresh_width``).
+    use_snr_weight : bool
+        Weight shells by the SNR (RELION ``--use_SNR_weight``); otherwise flat up to the cut-off.
+
+    Returns
+    -------
+    ndarray, shape (s, s//2+1)
+        Zero beyond ``last_shell + width`` and at the last radial bin.
+    """
+    s = references.box_size_px
+    sh = s // 2 + 1
+    if fsc is not None:
+        snr, last_shell = snr_from_fsc(fsc, s)
+    else:
+        snr, last_shell = snr_from_half_maps(references)
+    if freq_cutoff_angstrom is not None and freq_cutoff_angstrom > 0:
+        cutoff = int(s * references.pixel_size_angstrom / freq_cutoff_angstrom)
+        if 0 < cutoff < last_shell:
+            last_shell = cutoff
+    if not use_snr_weight:
+        snr = np.ones(sh)
+    r = radius_px(s)
+    r0 = np.floor(r).astype(int)
+    t = r - r0
+    valid = (r0 + 1 < sh) & (r0 + 1 <= last_shell + fsc_thresh_width_px)
+    g = np.where(valid, (1 - t) * snr[np.minimum(r0, sh - 1)] + t * snr[np.minimum(r0 + 1, sh - 1)], 0.0)
+    flank = (r > last_shell) & (r < last_shell + fsc_thresh_width_px)
+    envelope = np.where(flank, 0.5 * (1 + np.cos(np.pi * (r - last_shell) / fsc_thresh_width_px)), 1.0)
+    return np.where(valid, g * envelope, 0.0)
+
+
+def kmin_radius_px(box_size_px: int, pixel_size_angstrom: float, kmin_angstrom: float) -> float:
+    """RELION's ``k_min_px = s p / kmin`` (a float; the aberration fit truncates it to an int)."""
+    return box_size_px * pixel_size_angstrom / kmin_angstrom
