@@ -18,6 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError, Problem
+from .io.maps import write_map
+from .io.optimisation_set import OptimisationSet
+from .io.particles import (
+    half_sets as particle_half_sets,
+    optics_group_numbers,
+    optics_zernike,
+    particle_names,
+    particle_positions_px,
+    particle_rotations,
+    particles_of,
+    read_particle_set,
+)
+from .io.tomograms import load_tilt_images, read_tomogram_set, tomogram, tomogram_names
+from .io.trajectories import read_trajectories
 from .kernels_reconstruct import backproject_slices
 from .physics.ctf import ctf_2d
 from .physics.dose import dose_weight
@@ -327,3 +342,83 @@ def finalise(accumulators: FourierAccumulators, crop_size_px: int | None = None,
         half1, half2, merged, accumulators.pixel_size_angstrom, accumulators.box_size_px,
         (int(accumulators.particle_count[0]), int(accumulators.particle_count[1])),
     )
+
+
+def reconstruct(
+    opt: OptimisationSet,
+    box_size_px: int,
+    crop_size_px: int | None = None,
+    snr: float | None = None,
+    log=None,
+) -> Reconstruction:
+    """Reconstruct the particles of an optimisation set (``relion_tomo_reconstruct_particle --b --crop``).
+
+    Parameters
+    ----------
+    opt : OptimisationSet
+        Needs particles and tomograms (trajectories are used when given).
+    box_size_px : int
+        Even box size for extraction and reconstruction (RELION's ``--b``).
+    crop_size_px : int, optional
+        Size of the written maps (RELION's ``--crop``); the full box when None.
+    snr : float, optional
+        Wiener constant ``1/SNR`` (RELION's ``--SNR``); RELION's heuristic when None.
+    log : callable, optional
+        Called with one progress line per tomogram.
+    """
+    box = int(box_size_px)
+    problems = []
+    if box < 8 or box % 2:
+        problems.append(Problem("--b", f"box size {box_size_px} must be even and at least 8", "give an even box size such as 128", "--b"))
+    if crop_size_px is not None and crop_size_px > box:
+        problems.append(Problem("--crop", f"crop size {crop_size_px} is larger than the box {box}", "give --crop <= --b", "--crop"))
+    for name in ("particles_path", "tomograms_path"):
+        if getattr(opt, name) is None:
+            problems.append(Problem(str(opt.source_path or "optimisation set"), f"no {name.split('_')[0]} file", f"give --{name[0]} or an optimisation set that names it"))
+    if problems:
+        raise InputError(problems)
+    tset = read_tomogram_set(opt.resolved("tomograms_path"))
+    pset = read_particle_set(opt.resolved("particles_path"))
+    trajectories = read_trajectories(opt.resolved("trajectories_path")) if opt.trajectories_path else None
+    accumulators = None
+    for name in tomogram_names(tset):
+        rows = particles_of(pset, name)
+        if len(rows) == 0:
+            continue
+        tomo = tomogram(tset, name)
+        if accumulators is None:
+            accumulators = FourierAccumulators.empty(box, tomo.pixel_size_angstrom)
+        images = load_tilt_images(tomo)
+        groups = optics_group_numbers(pset, rows)
+        for group in np.unique(groups):
+            selected = rows[groups == group]
+            even, odd = optics_zernike(pset, int(group))
+            shifts = None
+            if trajectories is not None:
+                shifts = np.stack([trajectories.get(n, np.zeros((tomo.tilt_count, 3))) for n in particle_names(pset, selected)])
+            backproject_tomogram(
+                accumulators,
+                images,
+                tomo,
+                particle_positions_px(pset, selected, tomo),
+                particle_rotations(pset, selected),
+                particle_half_sets(pset, selected),
+                even,
+                odd,
+                shifts,
+            )
+        if log is not None:
+            log(f"{name}: {len(rows)} particles back-projected")
+    if accumulators is None:
+        raise InputError([Problem(str(opt.resolved("particles_path")), "no particle belongs to a tomogram of the tomogram set", "check rlnTomoName in both files", "rlnTomoName")])
+    return finalise(accumulators, crop_size_px, snr)
+
+
+def write_reconstruction(reconstruction: Reconstruction, out_dir) -> dict[str, Path]:
+    """Write ``half1.mrc``, ``half2.mrc`` and ``merged.mrc`` (atomically) at the tilt-series pixel size."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for tag in ("half1", "half2", "merged"):
+        paths[tag] = write_map(out / f"{tag}.mrc", getattr(reconstruction, tag), reconstruction.pixel_size_angstrom)
+    return paths

@@ -76,3 +76,44 @@ def write_fsc(path: PathLike, curve: FscCurve) -> Path:
         }
     )
     return write_star(StarDocument({FSC_BLOCK: table}), path)
+
+
+#: Meaningful names of the curves of a RELION postprocess ``data_fsc`` table -> RELION columns.
+POSTPROCESS_CURVES = {
+    "corrected": FSC_COLUMN,
+    "unmasked": "rlnFourierShellCorrelationUnmaskedMaps",
+    "masked": "rlnFourierShellCorrelationMaskedMaps",
+    "phase_randomised_masked": "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps",
+}
+#: Meaningful names of ``data_general`` entries -> RELION labels.
+POSTPROCESS_GENERAL = {
+    "final_resolution_angstrom": "rlnFinalResolution",
+    "randomise_from_angstrom": "rlnRandomiseFrom",
+    "half_map_1": "rlnUnfilteredMapHalf1",
+    "half_map_2": "rlnUnfilteredMapHalf2",
+    "mask": "rlnMaskName",
+}
+
+
+def write_postprocess_fsc(path: PathLike, spectral_index, resolution_angstrom, curves: dict, general: dict | None = None) -> Path:
+    """Write a RELION postprocess-style STAR file (``data_general`` + ``data_fsc``), atomically.
+
+    ``curves`` maps names of :data:`POSTPROCESS_CURVES` to arrays (``corrected`` is required: it is what
+    ``--fsc`` reads); ``general`` maps names of :data:`POSTPROCESS_GENERAL` to values.
+    """
+    resolution = np.asarray(resolution_angstrom, dtype=float)
+    with np.errstate(divide="ignore"):
+        frequency = np.where(np.isfinite(resolution) & (resolution > 0), 1.0 / resolution, 0.0)
+    table = {
+        INDEX_COLUMN: np.asarray(spectral_index, dtype=int),
+        FREQUENCY_COLUMN: frequency,
+        RESOLUTION_COLUMN: np.where(np.isfinite(resolution), resolution, 999.0),
+    }
+    for name, column in POSTPROCESS_CURVES.items():
+        if name in curves:
+            table[column] = np.asarray(curves[name], dtype=float)
+    blocks = {}
+    if general:
+        blocks["general"] = {POSTPROCESS_GENERAL[k]: v for k, v in general.items()}
+    blocks[FSC_BLOCK] = pd.DataFrame(table)
+    return write_star(StarDocument(blocks), path)
