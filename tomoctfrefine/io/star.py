@@ -274,3 +274,27 @@ def parse_vector(text) -> list[float]:
 def format_vector(values) -> str:
     """RELION's vector syntax ``[a,b,c]``, no spaces, each number in its shortest exact form."""
     return "[" + ",".join(repr(float(v)) for v in values) + "]"
+
+
+def non_finite_columns(table: pd.DataFrame) -> list[tuple[str, int]]:
+    """Columns holding NaN or infinite numbers, with how many rows do (vector columns ``[a,b]`` are
+    parsed; other text columns are ignored)."""
+    found = []
+    for column in table.columns:
+        series = table[column]
+        if pd.api.types.is_numeric_dtype(series.dtype):
+            count = int((~np.isfinite(series.to_numpy(dtype=float))).sum())
+        else:
+            count = 0
+            for value in series.tolist():
+                if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+                    count += 1
+                elif isinstance(value, str) and value.startswith("["):
+                    try:
+                        if not np.all(np.isfinite(parse_vector(value))):
+                            count += 1
+                    except ValueError:
+                        pass
+        if count:
+            found.append((str(column), count))
+    return found

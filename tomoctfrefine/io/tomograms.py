@@ -222,6 +222,12 @@ def image_paths(tset: TomogramSet, name: str) -> tuple[Path | None, tuple | None
     return None, None
 
 
+def declared_frame_count(tset: TomogramSet, name: str) -> int | None:
+    """``rlnTomoFrameCount`` of a tomogram, None if the column is absent."""
+    row = _row(tset, name)
+    return int(row[FRAME_COUNT]) if FRAME_COUNT in row.index and np.isfinite(float(row[FRAME_COUNT])) else None
+
+
 def missing_columns(tset: TomogramSet) -> list[Problem]:
     """Every required column absent from the global or per-tilt tables (one problem each)."""
     problems = []
@@ -283,12 +289,16 @@ def projection_matrices(tset: TomogramSet, name: str, image_size: tuple[int, int
     ) if len(table) else np.zeros((0, 4, 4))
 
 
-def tomogram(tset: TomogramSet, name: str) -> Tomogram:
-    """The physics-ready :class:`Tomogram` of one tilt series (reads only MRC headers)."""
+def tomogram(tset: TomogramSet, name: str, image_size: tuple[int, int] | None = None) -> Tomogram:
+    """The physics-ready :class:`Tomogram` of one tilt series (reads only MRC headers).
+
+    ``image_size`` ``(W, H)`` skips reading the image header (the validator uses it when the images
+    are missing; v5 projection matrices depend on it).
+    """
     row = _row(tset, name)
     table = tset.tilt_tables[name]
     stack, micrographs = image_paths(tset, name)
-    image_size = image_size_px(tset, name)
+    image_size = tuple(image_size) if image_size is not None else image_size_px(tset, name)
     return Tomogram(
         name=str(name),
         optics=Optics(float(row[VOLTAGE]), float(row[CS]), float(row[Q0])),
