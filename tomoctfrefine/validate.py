@@ -156,7 +156,7 @@ def _scan_map(col: _Collector, field_name: str, path: Path, header) -> None:
     data = np.memmap(path, dtype=header.dtype, mode="r", offset=header.data_offset_bytes, shape=header.shape)
     count = int((~np.isfinite(data)).sum()) if np.issubdtype(header.dtype, np.floating) else 0
     if count:
-        col.entry(field_name, f"{_LABELS[field_name]} {path} has {count} NaN or infinite voxels", "repair the map")
+        col.entry(field_name, f"{_LABELS[field_name]} {path} has {count} NaN or infinite voxel{'s' if count > 1 else ''}", "repair the map")
 
 
 def _check_maps(opt: OptimisationSet, col: _Collector, report: InputReport, tilt_pixel_sizes: list, box_size_px) -> None:
@@ -396,13 +396,14 @@ def _check_particles(col: _Collector, report: InputReport, pset, tset, tomos: di
             col.add(Problem(where, f"positions of the particles of {name} cannot be computed: {error}", "check the coordinate columns"))
             continue
         size = np.asarray(tomo.size_px, dtype=float)
-        outside = np.flatnonzero(~np.all((positions >= 0) & (positions < size[None, :]), axis=1))
+        finite = np.all(np.isfinite(positions), axis=1)
+        outside = np.flatnonzero(finite & ~np.all((positions >= 0) & (positions < size[None, :]), axis=1))
         if len(outside):
             first = rows[outside[0]]
             px = positions[outside[0]]
             col.add(Problem(
                 where,
-                f"{len(outside)} particle{'s' if len(outside) > 1 else ''} of {name} lie outside the tomogram "
+                f"{len(outside)} particle{'s' if len(outside) > 1 else ''} of {name} {'lie' if len(outside) > 1 else 'lies'} outside the tomogram "
                 f"({tomo.size_px[0]} x {tomo.size_px[1]} x {tomo.size_px[2]} px); first at row {first + 1}, ({px[0]:.1f}, {px[1]:.1f}, {px[2]:.1f}) px",
                 "check the coordinates, the pixel size and the tomogram size",
                 particles_io.CENTRED[0] if set(particles_io.CENTRED) <= set(pset.particles.columns) else particles_io.COORDINATES[0],
