@@ -1,0 +1,248 @@
+"""Per-tilt defocus and astigmatism of one tomogram, from its :class:`TiltStatistics`.
+
+Parametrisation. The change of tilt ``f`` is ``x_f = (dz, a_c, a_s)`` in Å: ``dz`` is added to both
+U and V (positive = more underfocus; the tilt's mean defocus changes by exactly ``dz``), and the
+astigmatism change adds ``-[[a_c, a_s], [a_s, -a_c]]`` to RELION's quadratic form ``A`` (spec §8.6).
+The extra CTF phase common to all particles of the tilt is::
+
+    delta(k) = -pi lambda (dz |k|^2 + a_c (kx^2 - ky^2) + a_s 2 kx ky)
+
+Algorithm (cost and conventions in :mod:`tomoctfrefine.refine.likelihood`; the scale is profiled out,
+so the result does not depend on the input scale):
+
+1. RELION's scan: ``dz`` over ``scan_steps`` values from ``scan_min`` to ``scan_max`` (both included),
+   astigmatism unchanged, per tilt (or, regularised, penalised towards the best common offset).
+2. Local astigmatic fit (Levenberg-Marquardt on the Fisher matrix) on growing frequency bands
+   (:func:`~tomoctfrefine.refine.likelihood.fit_with_continuation`), ending on the whole band.
+3. Standard errors from the Fisher information at the optimum (scale profiled out).
+
+Regularisation (optional): ``1/2 lambda sum_f (x_f - x_g)^T I_mean (x_f - x_g)`` with a free common
+change ``x_g`` and ``I_mean`` the mean Fisher matrix of the tilts with data. ``lambda`` is therefore
+dimensionless and means the same whatever the box size, particle count or noise normalisation: a tilt
+with information ``I_f`` ends at ``(I_f x_own + lambda I_mean x_g) / (I_f + lambda I_mean)``;
+``lambda = 1`` pulls every tilt towards the common value as strongly as the data of an average tilt pull
+it towards its own optimum. ``lambda = 0`` (default) fits every tilt independently.
+
+Tilts without visible particles (or without signal) keep their input values, scale and defocus.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..physics.ctf import defocus_from_quadratic_form, quadratic_form_from_defocus
+from ..statistics import TiltStatistics
+from .likelihood import BandStatistics, FrequencyBand, TomogramTerm, evaluate, fit_with_continuation
+
+
+@dataclass
+class DefocusFit:
+    """Refined defocus of the tilts of one tomogram (arrays of length ``n_tilts``).
+
+    Attributes
+    ----------
+    defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg : ndarray
+        New central CTF in RELION's convention after refinement (``U <= V``, angle in (-180, 180]);
+        unrefined tilts keep their input values unchanged.
+    defocus_change_angstrom : ndarray (n_tilts, 3)
+        ``(dz, a_c, a_s)`` (module docstring).
+    uncertainty_angstrom : ndarray
+        Standard error of the mean defocus change ``dz`` (inf for unrefined tilts).
+    covariance_angstrom2 : ndarray (n_tilts, 3, 3)
+        Covariance of ``(dz, a_c, a_s)`` (the Fisher inverse, scale profiled out).
+    scale : ndarray
+        Per-tilt contrast scale at the new defocus (maximum-likelihood, ``>= 0``; the input scale, or 1,
+        for unrefined tilts). It multiplies the box-independent prediction ``q``.
+    scale_uncertainty : ndarray
+        Standard error of ``scale`` (defocus unknown; inf for unrefined tilts).
+    scale_information : ndarray
+        Fisher information of the scale with everything else known, ``sum m e^T A e``: the weight of
+        each tilt in a scale model fit.
+    refined : ndarray of bool
+    cost : ndarray
+        Profiled cost ``J_f`` (= -log L + constant) at the result.
+    scan_offsets_angstrom : ndarray (scan_steps,)
+    scan_cost : ndarray (n_tilts, scan_steps)
+        Profiled cost of the scan relative to ``1/2 sum m oo`` (lower is better).
+    common_change_angstrom : ndarray (3,) or None
+        The common change ``x_g`` of a regularised fit.
+    """
+
+    defocus_u_angstrom: np.ndarray
+    defocus_v_angstrom: np.ndarray
+    defocus_angle_deg: np.ndarray
+    defocus_change_angstrom: np.ndarray
+    uncertainty_angstrom: np.ndarray
+    covariance_angstrom2: np.ndarray
+    scale: np.ndarray
+    scale_uncertainty: np.ndarray
+    scale_information: np.ndarray
+    refined: np.ndarray
+    cost: np.ndarray
+    scan_offsets_angstrom: np.ndarray
+    scan_cost: np.ndarray
+    common_change_angstrom: np.ndarray | None = None
+
+
+def phase_basis_per_angstrom(wavelength_angstrom: float, freq_x, freq_y) -> np.ndarray:
+    """``d delta / d (dz, a_c, a_s)`` in rad/Å, shape ``(3, *freq.shape)``."""
+    k1 = np.pi * wavelength_angstrom
+    return -k1 * np.stack([freq_x**2 + freq_y**2, freq_x**2 - freq_y**2, 2 * freq_x * freq_y])
+
+
+def apply_defocus_change(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, change_angstrom):
+    """New ``(U, V, angle)`` arrays after adding ``(dz, a_c, a_s)`` per tilt (RELION's eigen convention)."""
+    change = np.atleast_2d(np.asarray(change_angstrom, dtype=float))
+    n = len(change)
+    u_in, v_in, a_in = (np.broadcast_to(np.asarray(v, dtype=float), (n,)) for v in (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg))
+    out = np.empty((3, n))
+    for f in range(n):
+        a_xx, a_xy, a_yy = quadratic_form_from_defocus(u_in[f], v_in[f], a_in[f])
+        dz, a_c, a_s = change[f]
+        out[:, f] = defocus_from_quadratic_form(a_xx - dz - a_c, a_xy - a_s, a_yy - dz + a_c)
+    return out[0], out[1], out[2]
+
+
+def defocus_scan(data: BandStatistics, wavelength_angstrom: float, offsets_angstrom: np.ndarray, psi=None) -> np.ndarray:
+    """Profiled cost ``-1/2 c*^2 S_P`` of every tilt at every isotropic offset, shape ``(n_tilts, n_offsets)``."""
+    phase = -np.pi * wavelength_angstrom * np.outer(data.freq2, np.asarray(offsets_angstrom, dtype=float))
+    cos, sin = np.cos(phase), np.sin(phase)
+    if psi is None:
+        bs, bc = data.b_s.real, data.b_c.real
+    else:
+        rotation = np.exp(-1j * np.asarray(psi))
+        bs, bc = (rotation * data.b_s).real, (rotation * data.b_c).real
+    s_p = data.a_ss @ (cos * cos) + 2 * data.a_sc @ (cos * sin) + data.a_cc @ (sin * sin)
+    s_r = bs @ cos + bc @ sin
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where((s_p > 0) & (s_r < 0), s_r * s_r / np.where(s_p > 0, s_p, 1.0), 0.0)
+    return -0.5 * gain
+
+
+def mean_fisher_metric(data: BandStatistics, basis: np.ndarray, change: np.ndarray, psi=None) -> np.ndarray:
+    """Mean (over tilts with signal) Fisher matrix of the per-tilt parameters, scale profiled out."""
+    ev = evaluate(data, change @ basis, psi, derivatives=True)
+    u = ev.fisher_delta_scale @ basis.T
+    safe = np.where(ev.s_p > 0, ev.s_p, 1.0)
+    h = np.einsum("fk,ak,bk->fab", ev.fisher_delta, basis, basis) - u[:, :, None] * u[:, None, :] / safe[:, None, None]
+    ok = data.active & (ev.scale > 0)
+    if not ok.any():
+        return np.zeros((basis.shape[0],) * 2)
+    return h[ok].mean(axis=0)
+
+
+def refine_defocus(
+    statistics: TiltStatistics,
+    wavelength_angstrom: float,
+    defocus_u_angstrom,
+    defocus_v_angstrom,
+    defocus_angle_deg,
+    *,
+    scan_min_angstrom: float = -3000.0,
+    scan_max_angstrom: float = 3000.0,
+    scan_steps: int = 100,
+    band: FrequencyBand = FrequencyBand(),
+    fit_astigmatism: bool = True,
+    regularisation_lambda: float = 0.0,
+    odd_phase_rad: np.ndarray | None = None,
+    input_scale=None,
+    astigmatism_capture_angstrom: float = 1000.0,
+) -> DefocusFit:
+    """Refine the central defocus (and astigmatism) of every tilt of one tomogram.
+
+    Parameters
+    ----------
+    statistics : TiltStatistics
+        Accumulated at the current CTF (``defocus_*`` below, current even aberrations).
+    wavelength_angstrom : float
+        Electron wavelength (``Optics.wavelength_angstrom``).
+    defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg : array_like (n_tilts,)
+        The current central CTF of each tilt (the one the statistics were computed with).
+    scan_min_angstrom, scan_max_angstrom, scan_steps :
+        RELION's ``--d0``, ``--d1``, ``--ds``: the isotropic scan grid (``scan_steps < 2``: no scan).
+    band : FrequencyBand
+        Frequencies used (default 30 Å to the box corners).
+    fit_astigmatism : bool
+        Fit ``(dz, a_c, a_s)``; otherwise only ``dz``.
+    regularisation_lambda : float
+        Dimensionless strength of the pull towards a common change (module docstring); 0 = none.
+    odd_phase_rad : ndarray (s, s//2+1) or None
+        Current odd aberration phase (the statistics hold raw observations).
+    input_scale : array_like (n_tilts,) or None
+        Scale reported for tilts that cannot be refined (default 1).
+    astigmatism_capture_angstrom : float
+        Size of starting errors the local fit must capture (sets its first band).
+
+    Returns
+    -------
+    DefocusFit
+    """
+    n = statistics.n_tilts
+    data = BandStatistics.from_statistics(statistics, band)
+    if odd_phase_rad is not None:
+        # psi is not refined here: fold exp(-i psi) into b once.
+        rotation = np.exp(-1j * np.asarray(odd_phase_rad)[data.pixel_y, data.pixel_x])
+        data.b_s, data.b_c = rotation * data.b_s, rotation * data.b_c
+    basis_full = phase_basis_per_angstrom(wavelength_angstrom, data.freq_x, data.freq_y)
+    m = 3 if fit_astigmatism else 1
+    basis = basis_full[:m]
+
+    if scan_steps >= 2:
+        offsets = np.linspace(scan_min_angstrom, scan_max_angstrom, int(scan_steps))
+    else:
+        offsets = np.array([0.0])
+    scan = defocus_scan(data, wavelength_angstrom, offsets)
+    x = np.zeros((n, m))
+    metric = None
+    if regularisation_lambda > 0:
+        j_common = int(np.argmin(scan[data.active].sum(axis=0))) if data.active.any() else 0
+        common = np.zeros(m)
+        common[0] = offsets[j_common]
+        metric = regularisation_lambda * mean_fisher_metric(data, basis, np.tile(common, (n, 1)))
+        penalised = scan + 0.5 * metric[0, 0] * (offsets[None, :] - offsets[j_common]) ** 2
+        x[:, 0] = offsets[np.argmin(penalised, axis=1)]
+    else:
+        common = None
+        x[:, 0] = offsets[np.argmin(scan, axis=1)]
+    x[~data.active] = 0.0
+
+    term = TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, common=common)
+    result = fit_with_continuation([term], None, wavelength_angstrom, astigmatism_capture_angstrom)
+
+    refined = data.active & (result.scales[0] > 0)
+    change = np.zeros((n, 3))
+    change[:, :m] = np.where(refined[:, None], term.x, 0.0)
+    covariance = np.full((n, 3, 3), np.inf)
+    covariance[:, :m, :m] = result.tilt_covariance[0]
+    covariance[~refined] = np.inf
+    if m == 1:
+        covariance[refined, 1:, :] = 0.0
+        covariance[refined, :, 1:] = 0.0
+    fallback_scale = np.ones(n) if input_scale is None else np.asarray(input_scale, dtype=float)
+    scale = np.where(refined, result.scales[0], fallback_scale)
+    u, v, angle = apply_defocus_change(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, change)
+    keep_input = ~refined
+    u[keep_input] = np.broadcast_to(np.asarray(defocus_u_angstrom, dtype=float), (n,))[keep_input]
+    v[keep_input] = np.broadcast_to(np.asarray(defocus_v_angstrom, dtype=float), (n,))[keep_input]
+    angle[keep_input] = np.broadcast_to(np.asarray(defocus_angle_deg, dtype=float), (n,))[keep_input]
+    common_change = None
+    if term.common is not None:
+        common_change = np.zeros(3)
+        common_change[:m] = term.common
+    return DefocusFit(
+        defocus_u_angstrom=u,
+        defocus_v_angstrom=v,
+        defocus_angle_deg=angle,
+        defocus_change_angstrom=change,
+        uncertainty_angstrom=np.where(refined, np.sqrt(np.abs(covariance[:, 0, 0])), np.inf),
+        covariance_angstrom2=covariance,
+        scale=scale,
+        scale_uncertainty=np.where(refined, np.sqrt(np.abs(result.scale_variance[0])), np.inf),
+        scale_information=np.where(data.active, result.scale_information[0], 0.0),
+        refined=refined,
+        cost=result.costs[0],
+        scan_offsets_angstrom=offsets,
+        scan_cost=scan,
+        common_change_angstrom=common_change,
+    )

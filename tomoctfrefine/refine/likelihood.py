@@ -1,0 +1,554 @@
+"""The likelihood of the per-tilt CTF parameters, evaluated from :class:`TiltStatistics` alone.
+
+For tilt ``f`` and Fourier pixel ``k`` the statistics give the weighted squared residual of the model
+``o = -c exp(i psi) sin(gamma + delta) q`` exactly (see :mod:`tomoctfrefine.statistics`)::
+
+    r_fk = oo + c^2 e^T A e + 2 c Re(exp(-i psi) e^T b),      e = (cos delta, sin delta)
+
+Cost convention used throughout :mod:`tomoctfrefine.refine`::
+
+    J_f = 1/2 sum_k m_k r_fk
+
+with the half-plane multiplicity ``m_k`` (2 for pixels whose conjugate partner is not stored, 1 on the
+``kx = 0`` and ``kx = Nyquist`` columns, which hold both partners). For white real-space noise of
+variance ``sigma^2`` and a unitary FFT, ``E|N_k|^2 = sigma^2 = 1/w``, so ``J`` equals ``-log L`` up to
+a constant: its curvature is the Fisher information, and ``1/sqrt(curvature)`` is a standard error.
+Everything is therefore independent of the box size (more pixels, each with proportionally less
+signal) and of how the noise weights are normalised only through ``w``.
+
+The scale ``c_f`` is profiled out exactly and constrained to ``c >= 0``::
+
+    c*_f = max(0, -S_R / S_P),    J_f = 1/2 sum m oo - 1/2 c*^2 S_P,
+    S_P = sum m e^T A e,          S_R = sum m Re(exp(-i psi) e^T b)
+
+so a fit never depends on the input scale. The Gauss-Newton (expected Fisher) curvature per pixel is
+``c^2 e'^T A e'`` for ``delta``, ``c^2 e^T A e`` for ``psi`` and ``c e^T A e'`` for the cross term with
+``c``, with ``e' = (-sin delta, cos delta)``; ``psi`` is orthogonal to both ``delta`` and ``c``.
+
+:func:`fit` minimises the sum of ``J`` over tilts (and tomograms) with respect to per-tilt parameters
+(``delta`` linear in them) and shared parameters (even phase added to every tilt's ``delta``, odd phase
+``psi``, and the common values of a regularised fit) by Levenberg-Marquardt on that Fisher matrix,
+solving the arrow-shaped normal equations through the Schur complement of the shared block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..physics.geometry import fourier_grid_per_angstrom
+from ..statistics import TiltStatistics
+
+
+def half_plane_multiplicity(box_size_px: int) -> np.ndarray:
+    """How many full-plane pixels each ``rfft2`` pixel stands for, shape ``(s, s//2+1)``.
+
+    2 everywhere except the ``kx = 0`` column and, for even ``s``, the ``kx = Nyquist`` column (1),
+    whose conjugate partners are stored in the same column.
+    """
+    s = int(box_size_px)
+    multiplicity = np.full((s, s // 2 + 1), 2.0)
+    multiplicity[:, 0] = 1.0
+    if s % 2 == 0:
+        multiplicity[:, -1] = 1.0
+    return multiplicity
+
+
+@dataclass(frozen=True)
+class FrequencyBand:
+    """Frequencies used by a fit.
+
+    Attributes
+    ----------
+    kmin_angstrom : float or None
+        Lowest resolution used (Å): pixels with ``|k| >= 1/kmin_angstrom`` (RELION's ``--kmin``,
+        default 30 Å). None: every pixel but the DC one.
+    kmax_angstrom : float or None
+        Highest resolution used (Å). None: every pixel of the box, the corners beyond Nyquist
+        included (they are real, correctly sampled frequencies of the image; the frequency weights of
+        the statistics decide what carries signal).
+    """
+
+    kmin_angstrom: float | None = 30.0
+    kmax_angstrom: float | None = None
+
+    def mask(self, box_size_px: int, pixel_size_angstrom: float) -> np.ndarray:
+        fx, fy = fourier_grid_per_angstrom(box_size_px, pixel_size_angstrom)
+        radius = np.hypot(fx, fy)
+        keep = radius > 0
+        if self.kmin_angstrom:
+            keep &= radius >= 1.0 / self.kmin_angstrom * (1 - 1e-12)
+        if self.kmax_angstrom:
+            keep &= radius <= 1.0 / self.kmax_angstrom * (1 + 1e-12)
+        return keep
+
+
+@dataclass
+class BandStatistics:
+    """The statistics of one tomogram on the pixels of a band, multiplicity folded in, flattened.
+
+    Arrays ``a_*``, ``b_*`` have shape ``(n_tilts, n_pixels)``; ``oo`` is summed over the band.
+    """
+
+    a_ss: np.ndarray
+    a_sc: np.ndarray
+    a_cc: np.ndarray
+    b_s: np.ndarray
+    b_c: np.ndarray
+    oo: np.ndarray
+    freq_x: np.ndarray
+    freq_y: np.ndarray
+    pixel_y: np.ndarray
+    pixel_x: np.ndarray
+    active: np.ndarray
+    box_size_px: int
+    pixel_size_angstrom: float
+
+    @classmethod
+    def from_statistics(cls, statistics: TiltStatistics, band: FrequencyBand) -> "BandStatistics":
+        s, p = statistics.box_size_px, statistics.pixel_size_angstrom
+        keep = band.mask(s, p)
+        pixel_y, pixel_x = np.nonzero(keep)
+        m = half_plane_multiplicity(s)[keep]
+        fx, fy = fourier_grid_per_angstrom(s, p)
+        pick = lambda a: np.asarray(a)[:, keep] * m  # noqa: E731
+        a_ss, a_sc, a_cc = pick(statistics.a_ss), pick(statistics.a_sc), pick(statistics.a_cc)
+        information = (a_ss + a_cc).sum(axis=1)
+        active = (np.asarray(statistics.particle_count) > 0) & (information > 0) & np.isfinite(information)
+        return cls(
+            a_ss=a_ss, a_sc=a_sc, a_cc=a_cc,
+            b_s=pick(statistics.b_s).astype(np.complex128), b_c=pick(statistics.b_c).astype(np.complex128),
+            oo=pick(statistics.oo).sum(axis=1),
+            freq_x=fx[keep], freq_y=fy[keep], pixel_y=pixel_y, pixel_x=pixel_x,
+            active=active, box_size_px=s, pixel_size_angstrom=p,
+        )
+
+    @property
+    def n_tilts(self) -> int:
+        return self.a_ss.shape[0]
+
+    @property
+    def freq2(self) -> np.ndarray:
+        return self.freq_x**2 + self.freq_y**2
+
+    def subset(self, keep: np.ndarray) -> "BandStatistics":
+        """The same statistics on a subset of the pixels (``oo`` kept: it is a constant of the fits)."""
+        return BandStatistics(
+            a_ss=self.a_ss[:, keep], a_sc=self.a_sc[:, keep], a_cc=self.a_cc[:, keep],
+            b_s=self.b_s[:, keep], b_c=self.b_c[:, keep], oo=self.oo,
+            freq_x=self.freq_x[keep], freq_y=self.freq_y[keep],
+            pixel_y=self.pixel_y[keep], pixel_x=self.pixel_x[keep],
+            active=self.active, box_size_px=self.box_size_px, pixel_size_angstrom=self.pixel_size_angstrom,
+        )
+
+    def quadratic_basis(self) -> np.ndarray:
+        """``(|k|^2, kx^2 - ky^2, 2 kx ky)`` per pixel, shape ``(3, n_pixels)`` (1/Å^2)."""
+        fx, fy = self.freq_x, self.freq_y
+        return np.stack([fx * fx + fy * fy, fx * fx - fy * fy, 2 * fx * fy])
+
+
+@dataclass
+class Evaluation:
+    """Profiled cost of each tilt and, optionally, its per-pixel derivatives (Gauss-Newton)."""
+
+    cost: np.ndarray
+    scale: np.ndarray
+    s_p: np.ndarray
+    s_r: np.ndarray
+    grad_delta: np.ndarray | None = None
+    fisher_delta: np.ndarray | None = None
+    fisher_delta_scale: np.ndarray | None = None
+    grad_psi: np.ndarray | None = None
+    fisher_psi: np.ndarray | None = None
+
+
+def evaluate(data: BandStatistics, delta, psi=None, derivatives: bool = False, fixed_scale=None) -> Evaluation:
+    """Evaluate the profiled cost ``J_f`` of every tilt at extra phase ``delta`` and odd phase ``psi``.
+
+    Parameters
+    ----------
+    data : BandStatistics
+    delta : ndarray, broadcastable to ``(n_tilts, n_pixels)``
+        Extra CTF phase (rad) added to the current gamma.
+    psi : ndarray (n_pixels,) or (n_tilts, n_pixels) or None
+        Odd phase (rad) multiplying the prediction as ``exp(i psi)``.
+    derivatives : bool
+        Also return per-pixel gradients and Gauss-Newton curvatures.
+    fixed_scale : ndarray (n_tilts,) or None
+        Use these scales instead of profiling them out.
+    """
+    delta = np.broadcast_to(delta, data.a_ss.shape)
+    cos, sin = np.cos(delta), np.sin(delta)
+    if psi is None:
+        bs, bc = data.b_s, data.b_c
+    else:
+        rotation = np.exp(-1j * np.asarray(psi))
+        bs, bc = rotation * data.b_s, rotation * data.b_c
+    p = data.a_ss * cos * cos + 2 * data.a_sc * cos * sin + data.a_cc * sin * sin
+    r = bs.real * cos + bc.real * sin
+    s_p, s_r = p.sum(axis=1), r.sum(axis=1)
+    if fixed_scale is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where((s_p > 0) & (s_r < 0), -s_r / np.where(s_p > 0, s_p, 1.0), 0.0)
+        cost = 0.5 * data.oo - 0.5 * scale * scale * s_p
+    else:
+        scale = np.asarray(fixed_scale, dtype=float)
+        cost = 0.5 * data.oo + 0.5 * scale * scale * s_p + scale * s_r
+    result = Evaluation(cost=cost, scale=scale, s_p=s_p, s_r=s_r)
+    if derivatives:
+        c = scale[:, None]
+        half_dp = data.a_sc * (cos * cos - sin * sin) + (data.a_cc - data.a_ss) * cos * sin
+        p_prime = data.a_ss * sin * sin - 2 * data.a_sc * cos * sin + data.a_cc * cos * cos
+        dr = -bs.real * sin + bc.real * cos
+        result.grad_delta = c * c * half_dp + c * dr
+        result.fisher_delta = c * c * p_prime
+        result.fisher_delta_scale = c * half_dp
+        result.grad_psi = c * (bs.imag * cos + bc.imag * sin)
+        result.fisher_psi = c * c * p
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Joint Levenberg-Marquardt fit
+
+
+@dataclass
+class TomogramTerm:
+    """One tomogram's part of a joint fit.
+
+    Attributes
+    ----------
+    data : BandStatistics
+    tilt_basis : ndarray (m, n_pixels)
+        ``d delta / d x`` for the per-tilt parameters ``x`` (e.g. ``-pi lambda (|k|^2, ...)`` for
+        defocus changes in Å).
+    x : ndarray (n_tilts, m)
+        Starting per-tilt parameters (changed in place by :func:`fit`).
+    fixed_delta : ndarray or float
+        Extra phase not fitted (rad), broadcastable to ``(n_tilts, n_pixels)``.
+    regularisation_metric : ndarray (m, m) or None
+        If set, ``1/2 sum_f (x_f - x_g)^T M (x_f - x_g)`` is added with a free common ``x_g``.
+    common : ndarray (m,) or None
+        Starting common value ``x_g``.
+    """
+
+    data: BandStatistics
+    tilt_basis: np.ndarray
+    x: np.ndarray
+    fixed_delta: np.ndarray | float = 0.0
+    regularisation_metric: np.ndarray | None = None
+    common: np.ndarray | None = None
+
+
+@dataclass
+class SharedPhase:
+    """Phases shared by every tomogram of a joint fit (pixel sets must be identical).
+
+    ``delta += even_basis^T alpha``, ``psi = psi0 + odd_basis^T beta``.
+    """
+
+    even_basis: np.ndarray  # (n_even, n_pixels)
+    odd_basis: np.ndarray  # (n_odd, n_pixels)
+    psi0: np.ndarray | float = 0.0
+    alpha: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    beta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit`: covariances from the final (undamped) Fisher matrix."""
+
+    costs: list  # per tomogram (n_tilts,)
+    scales: list  # per tomogram (n_tilts,)
+    scale_information: list  # per tomogram (n_tilts,), S_P
+    tilt_covariance: list  # per tomogram (n_tilts, m, m)
+    scale_variance: list  # per tomogram (n_tilts,)
+    shared_covariance: np.ndarray
+    iterations: int
+    converged: bool
+
+
+def _layout(terms, shared):
+    n_even = 0 if shared is None else len(shared.even_basis)
+    n_odd = 0 if shared is None else len(shared.odd_basis)
+    offsets, n_global = [], n_even + n_odd
+    for term in terms:
+        if term.regularisation_metric is not None:
+            offsets.append(n_global)
+            n_global += term.tilt_basis.shape[0]
+        else:
+            offsets.append(None)
+    return n_even, n_odd, offsets, n_global
+
+
+def _phases(term, shared, x):
+    delta = x @ term.tilt_basis + term.fixed_delta
+    psi = None
+    if shared is not None:
+        if len(shared.alpha):
+            delta = delta + shared.alpha @ shared.even_basis
+        psi = shared.psi0 + (shared.beta @ shared.odd_basis if len(shared.beta) else 0.0)
+        if np.isscalar(psi) and psi == 0.0:
+            psi = None
+    return np.broadcast_to(delta, term.data.a_ss.shape), psi
+
+
+def _penalty(term, x, common):
+    if term.regularisation_metric is None:
+        return np.zeros(len(x))
+    d = np.where(term.data.active[:, None], x - common, 0.0)
+    return 0.5 * np.einsum("fa,ab,fb->f", d, term.regularisation_metric, d)
+
+
+def _costs(terms, shared, xs, commons):
+    out = []
+    for term, x, common in zip(terms, xs, commons):
+        delta, psi = _phases(term, shared, x)
+        out.append(evaluate(term.data, delta, psi).cost + _penalty(term, x, common))
+    return out
+
+
+def _system(terms, shared, xs, commons, layout):
+    """Gradient and Fisher matrix (arrow-shaped) at the current parameters."""
+    n_even, n_odd, offsets, n_global = layout
+    blocks, cross, grads = [], [], []
+    g_global = np.zeros(n_global)
+    h_global = np.zeros((n_global, n_global))
+    evaluations = []
+    for term, x, common, offset in zip(terms, xs, commons, offsets):
+        delta, psi = _phases(term, shared, x)
+        ev = evaluate(term.data, delta, psi, derivatives=True)
+        evaluations.append(ev)
+        basis = term.tilt_basis
+        m = basis.shape[0]
+        safe_sp = np.where(ev.s_p > 0, ev.s_p, 1.0)
+        u_x = ev.fisher_delta_scale @ basis.T
+        h_ff = np.einsum("fk,ak,bk->fab", ev.fisher_delta, basis, basis) - u_x[:, :, None] * u_x[:, None, :] / safe_sp[:, None, None]
+        g_f = ev.grad_delta @ basis.T
+        h_fg = np.zeros((term.data.n_tilts, m, n_global))
+        if n_even:
+            even = shared.even_basis
+            u_e = ev.fisher_delta_scale @ even.T
+            h_fg[:, :, :n_even] = np.einsum("fk,ak,jk->faj", ev.fisher_delta, basis, even) - u_x[:, :, None] * u_e[:, None, :] / safe_sp[:, None, None]
+            h_global[:n_even, :n_even] += (even * ev.fisher_delta.sum(axis=0)) @ even.T - (u_e / safe_sp[:, None]).T @ u_e
+            g_global[:n_even] += even @ ev.grad_delta.sum(axis=0)
+        if n_odd:
+            odd = shared.odd_basis
+            sl = slice(n_even, n_even + n_odd)
+            h_global[sl, sl] += (odd * ev.fisher_psi.sum(axis=0)) @ odd.T
+            g_global[sl] += odd @ ev.grad_psi.sum(axis=0)
+        if offset is not None:
+            metric = term.regularisation_metric
+            active = term.data.active
+            d = np.where(active[:, None], x - common, 0.0)
+            g_f = g_f + d @ metric
+            h_ff = h_ff + active[:, None, None] * metric
+            sl = slice(offset, offset + m)
+            h_fg[:, :, sl] -= active[:, None, None] * metric
+            g_global[sl] -= d.sum(axis=0) @ metric
+            h_global[sl, sl] += active.sum() * metric
+        blocks.append(h_ff)
+        cross.append(h_fg)
+        grads.append(g_f)
+    return blocks, cross, grads, h_global, g_global, evaluations
+
+
+def _frozen(term, ev):
+    return ~term.data.active | (ev.scale <= 0)
+
+
+def _solve(blocks, cross, grads, h_global, g_global, frozen, mu_tilt, mu_global, want_covariance=False):
+    """Damped Gauss-Newton step through the Schur complement of the shared block."""
+    inverses, steps = [], []
+    n_global = len(g_global)
+    schur = h_global + mu_global * np.diag(np.diag(h_global)) + 1e-12 * np.eye(n_global) * max(1.0, np.abs(np.diag(h_global)).max(initial=0.0))
+    rhs = -g_global.copy()
+    for h_ff, h_fg, g_f, fz, mu in zip(blocks, cross, grads, frozen, mu_tilt):
+        m = h_ff.shape[1]
+        diag = np.einsum("faa->fa", h_ff)
+        damped = h_ff + (mu[:, None, None] if np.ndim(mu) else mu) * np.einsum("fa,ab->fab", diag, np.eye(m))
+        damped = damped + 1e-12 * np.eye(m) * np.maximum(np.abs(diag).max(axis=1), 1e-300)[:, None, None]
+        damped[fz] = np.eye(m)
+        inv = np.linalg.inv(damped)
+        h_fg = np.where(fz[:, None, None], 0.0, h_fg)
+        g_f = np.where(fz[:, None], 0.0, g_f)
+        if n_global:
+            schur -= np.einsum("fag,fab,fbh->gh", h_fg, inv, h_fg)
+            rhs += np.einsum("fag,fab,fb->g", h_fg, inv, g_f)
+        inverses.append((inv, h_fg, g_f))
+    d_global = np.linalg.solve(schur, rhs) if n_global else np.zeros(0)
+    schur_inverse = np.linalg.inv(schur) if (n_global and want_covariance) else np.zeros((n_global, n_global))
+    covariances = []
+    for inv, h_fg, g_f in inverses:
+        step = -np.einsum("fab,fb->fa", inv, g_f + (h_fg @ d_global if n_global else 0.0))
+        steps.append(step)
+        if want_covariance:
+            if n_global:
+                t = np.einsum("fab,fbg->fag", inv, h_fg)
+                covariances.append(inv + np.einsum("fag,gh,fbh->fab", t, schur_inverse, t))
+            else:
+                covariances.append(inv)
+    return steps, d_global, covariances, schur_inverse
+
+
+def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterations: int = 60, tolerance: float = 1e-6) -> FitResult:
+    """Minimise ``sum_t sum_f J_tf`` (+ penalties) by Levenberg-Marquardt on the Fisher matrix.
+
+    Per-tilt parameters are updated in ``terms[i].x``, shared ones in ``shared.alpha/beta`` and
+    ``terms[i].common``. Without shared parameters every tilt is damped and accepted on its own.
+    Stops when the Gauss-Newton step is below ``tolerance`` standard errors (``d^T H d``).
+    """
+    layout = _layout(terms, shared)
+    n_even, n_odd, offsets, n_global = layout
+    if shared is not None:
+        if len(shared.alpha) != n_even:
+            shared.alpha = np.zeros(n_even)
+        if len(shared.beta) != n_odd:
+            shared.beta = np.zeros(n_odd)
+    for term in terms:
+        if term.regularisation_metric is not None and term.common is None:
+            active = term.data.active
+            term.common = term.x[active].mean(axis=0) if active.any() else np.zeros(term.x.shape[1])
+    separable = n_global == 0
+    xs = [t.x for t in terms]
+    commons = [t.common for t in terms]
+    mu_tilt = [np.full(t.data.n_tilts, 1e-3) for t in terms]
+    mu_global = 1e-3
+    converged = False
+    iteration = 0
+    for iteration in range(1, max_iterations + 1):
+        blocks, cross, grads, h_global, g_global, evs = _system(terms, shared, xs, commons, layout)
+        current = [ev.cost + _penalty(t, x, c) for ev, t, x, c in zip(evs, terms, xs, commons)]
+        frozen = [_frozen(t, ev) for t, ev in zip(terms, evs)]
+        accepted_any = False
+        for _attempt in range(12):
+            steps, d_global, _, _ = _solve(blocks, cross, grads, h_global, g_global, frozen, mu_tilt, mu_global)
+            trial_xs = [x + d for x, d in zip(xs, steps)]
+            alpha, beta = (shared.alpha, shared.beta) if shared is not None else (None, None)
+            if shared is not None:
+                shared.alpha, shared.beta = alpha + d_global[:n_even], beta + d_global[n_even:n_even + n_odd]
+            trial_commons = [c if o is None else c + d_global[o:o + len(c)] for c, o in zip(commons, offsets)]
+            trial = _costs(terms, shared, trial_xs, trial_commons)
+            if separable:
+                size = [np.einsum("fa,fab,fb->f", d, h, d) for d, h in zip(steps, blocks)]
+                for i in range(len(terms)):
+                    better = (trial[i] <= current[i] + 1e-9 * np.abs(current[i])) & ~frozen[i]
+                    xs[i][better] = trial_xs[i][better]
+                    mu_tilt[i] = np.where(better, np.maximum(mu_tilt[i] * 0.3, 1e-9), np.where(frozen[i], mu_tilt[i], mu_tilt[i] * 10))
+                    size[i] = np.where(better | frozen[i], size[i], np.inf)
+                accepted_any = True
+                done = all(np.all(np.where(fz, 0.0, sz) < tolerance) for sz, fz in zip(size, frozen))
+                break
+            total_new = sum(c.sum() for c in trial)
+            total_old = sum(c.sum() for c in current)
+            if total_new <= total_old + 1e-12 * abs(total_old):
+                for i in range(len(terms)):
+                    xs[i][...] = trial_xs[i]
+                    if offsets[i] is not None:
+                        commons[i] = trial_commons[i]
+                        terms[i].common = commons[i]
+                mu_global = max(mu_global * 0.3, 1e-9)
+                accepted_any = True
+                size = sum(np.einsum("fa,fab,fb->", d, h, d) for d, h in zip(steps, blocks))
+                if n_global:
+                    size += d_global @ h_global @ d_global
+                done = size < tolerance
+                break
+            if shared is not None:
+                shared.alpha, shared.beta = alpha, beta
+            mu_global *= 10
+        if not accepted_any:
+            converged = True
+            break
+        if done:
+            converged = True
+            break
+    blocks, cross, grads, h_global, g_global, evs = _system(terms, shared, xs, commons, layout)
+    frozen = [_frozen(t, ev) for t, ev in zip(terms, evs)]
+    _, _, covariances, shared_cov = _solve(blocks, cross, grads, h_global, g_global, frozen, [0.0] * len(terms), 0.0, want_covariance=True)
+    scale_variance = []
+    for term, ev, fz, x, cov in zip(terms, evs, frozen, xs, covariances):
+        cov[fz] = np.inf
+        raw = np.einsum("fk,ak,bk->fab", ev.fisher_delta, term.tilt_basis, term.tilt_basis)
+        u_x = ev.fisher_delta_scale @ term.tilt_basis.T
+        m = raw.shape[1]
+        full = np.zeros((term.data.n_tilts, m + 1, m + 1))
+        full[:, :m, :m] = raw + 1e-12 * np.eye(m) * np.maximum(np.abs(np.einsum("faa->fa", raw)).max(axis=1), 1e-300)[:, None, None]
+        full[:, :m, m] = full[:, m, :m] = u_x
+        full[:, m, m] = ev.s_p
+        variance = np.full(term.data.n_tilts, np.inf)
+        ok = ~fz & (ev.s_p > 0)
+        if ok.any():
+            variance[ok] = np.linalg.inv(full[ok])[:, m, m]
+        scale_variance.append(variance)
+    return FitResult(
+        costs=[ev.cost + _penalty(t, x, c) for ev, t, x, c in zip(evs, terms, xs, commons)],
+        scales=[ev.scale for ev in evs],
+        scale_information=[ev.s_p for ev in evs],
+        tilt_covariance=covariances,
+        scale_variance=scale_variance,
+        shared_covariance=shared_cov,
+        iterations=iteration,
+        converged=converged,
+    )
+
+
+def _subset_term(term: TomogramTerm, keep: np.ndarray) -> TomogramTerm:
+    fixed = term.fixed_delta
+    if np.ndim(fixed) and np.shape(fixed)[-1] == keep.size:
+        fixed = np.asarray(fixed)[..., keep]
+    return TomogramTerm(
+        data=term.data.subset(keep), tilt_basis=term.tilt_basis[:, keep], x=term.x, fixed_delta=fixed,
+        regularisation_metric=term.regularisation_metric, common=term.common,
+    )
+
+
+def _subset_shared(shared: SharedPhase | None, keep: np.ndarray) -> SharedPhase | None:
+    if shared is None:
+        return None
+    psi0 = shared.psi0
+    if np.ndim(psi0) and np.shape(psi0)[-1] == keep.size:
+        psi0 = np.asarray(psi0)[..., keep]
+    return SharedPhase(even_basis=shared.even_basis[:, keep], odd_basis=shared.odd_basis[:, keep], psi0=psi0, alpha=shared.alpha, beta=shared.beta)
+
+
+def fit_with_continuation(
+    terms: list[TomogramTerm],
+    shared: SharedPhase | None,
+    wavelength_angstrom: float,
+    capture_angstrom: float = 1000.0,
+    max_iterations: int = 60,
+) -> FitResult:
+    """:func:`fit` on growing bands, so that large starting errors fall inside the basin of attraction.
+
+    The first band ends where a defocus-like error of ``capture_angstrom`` makes a phase error of
+    1 rad (``pi lambda capture k^2 = 1``); each next band ends where three standard errors of the
+    previous stage make 0.5 rad (and grows by at least 25 %), up to the full band of the data.
+    Without shared parameters, in the first stage every tilt is fitted on its own.
+    """
+    freq2 = terms[0].data.freq2
+    k_full = float(np.sqrt(freq2.max()))
+    k = min(k_full, float(np.sqrt(1.0 / (np.pi * wavelength_angstrom * capture_angstrom))))
+    for _stage in range(12):
+        if k >= k_full * (1 - 1e-9):
+            break
+        keep = freq2 <= k * k
+        if keep.sum() < 8:
+            k *= 1.25
+            continue
+        sub_terms = [_subset_term(t, keep) for t in terms]
+        sub_shared = _subset_shared(shared, keep)
+        result = fit(sub_terms, sub_shared, max_iterations=max_iterations, tolerance=1e-4)
+        for term, sub in zip(terms, sub_terms):
+            term.common = sub.common
+        if shared is not None:
+            shared.alpha, shared.beta = sub_shared.alpha, sub_shared.beta
+        sigmas = []
+        for term, cov in zip(terms, result.tilt_covariance):
+            ok = term.data.active & np.all(np.isfinite(cov.reshape(len(cov), -1)), axis=1)
+            if ok.any():
+                sigmas.append(np.sqrt(np.abs(np.einsum("faa->fa", cov[ok])).max(axis=1)))
+        sigma = float(np.median(np.concatenate(sigmas))) if sigmas else np.inf
+        k_next = np.sqrt(0.5 / (np.pi * wavelength_angstrom * 3 * sigma)) if np.isfinite(sigma) and sigma > 0 else k_full
+        k = min(k_full, max(1.25 * k, k_next))
+    return fit(terms, shared, max_iterations=max_iterations)
