@@ -121,6 +121,16 @@ def _field_count(row: str) -> int:
     return len(row.split())
 
 
+def _read_with_empty_loops(text: str) -> dict:
+    """``starfile`` mistakes the comment lines after an empty loop for its rows: parse a copy without
+    comment lines."""
+    cleaned = "\n".join(line for line in text.splitlines() if not line.strip().startswith("#")) + "\n"
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "copy.star"
+        copy.write_text(cleaned)
+        return starfile.read(copy, always_dict=True, parse_as_string=STRING_COLUMNS)
+
+
 def read_star(path: PathLike) -> StarDocument:
     """Read a STAR file into a :class:`StarDocument`.
 
@@ -156,7 +166,10 @@ def read_star(path: PathLike) -> StarDocument:
             if count != labels:
                 raise _malformed(path, f"block data_{block}: a row has {count} values for {labels} columns ({row[:60]!r})")
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
+        if any(not rows for _, _, _, rows in loops):
+            blocks = _read_with_empty_loops(text)
+        else:
+            blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
     except Exception as error:  # starfile/pandas raise many types on bad input
         raise _malformed(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     if not blocks:
