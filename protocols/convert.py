@@ -1,0 +1,444 @@
+"""Scipion tomo objects <-> RELION-5 files (the optimisation set the engine reads, and back).
+
+This is the bridge between Scipion's object model and RELION's files, so, like the engine's ``io``
+package, it is a place where RELION's column names appear; the engine itself never sees Scipion.
+
+Conventions (see shared/spec/scipion_plugin.md §c-d):
+
+* Defocus in Å, positive underfocus, angle in degrees: identical in ``CTFTomo`` and RELION.
+* Tilt images are matched to CTFs and to RELION rows by acquisition order; disabled (excluded) views
+  are skipped. The mapping row -> acquisition order written at conversion time is kept in
+  ``tilt_order.json`` next to the converted files so that refined values go back to the right
+  ``CTFTomo`` (when it is missing, e.g. an optimisation set made outside Scipion, rows are matched
+  by nominal tilt angle).
+* Tilt-image alignment: a Scipion 3x3 matrix ``M`` has ``rlnTomoZRot = atan2(M[0,1], M[0,0])`` and
+  ``(rlnTomoXShiftAngst, rlnTomoYShiftAngst) = inv(M)[0:2, 2] * pixel size`` (scipion-em-reliontomo's
+  writer); :func:`alignment_matrix` is its exact inverse. RELION's ``rlnTomoXTilt``, which Scipion
+  cannot express, is kept as the extra tilt-image attribute ``_tomoXTilt`` when present.
+* Particle orientation: Scipion's ``TR_RELION`` matrix ``M`` is ``inv(T)`` with
+  ``T = [A | -origin/pixel]``, ``A = euler_zyz(rot, tilt, psi)`` RELION's rotation (reliontomo's
+  ``genTransformMatrix``). :func:`relion_angles_and_origin` inverts it exactly (reliontomo's own
+  reverse function mixes the rotation into the shifts; we do not copy that).
+* Positions: RELION 5 centred Å = (bin-1 px from the tomogram corner - size/2) * pixel size, with the
+  corner position ``coordinate.getX(BOTTOM_LEFT_CORNER) * coordinates_px / tilt_series_px``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tomoctfrefine.io.star import StarDocument, parse_vector, read_star, write_star
+from tomoctfrefine.io.paths import resolve_path
+
+TILT_ORDER_FILE = "tilt_order.json"
+OPTICS_GROUP_NAME = "optics1"
+#: Extra attributes we add to Scipion objects (names start with ``_`` as Scipion's do).
+ATTR_XTILT = "_tomoXTilt"
+ATTR_CTF_SCALE = "_ctfScale"
+ATTR_DEFOCUS_SIGMA = "_defocusUncertainty"
+ATTR_HALF_SET = "_rlnRandomSubset"
+
+
+# ----------------------------------------------------------------------------------------- geometry
+def alignment_zrot_and_shifts(matrix: np.ndarray, pixel_size_angstrom: float) -> tuple[float, float, float]:
+    """(rlnTomoZRot in degrees, x shift Å, y shift Å) of a Scipion 3x3 tilt-image alignment matrix."""
+    matrix = np.asarray(matrix, dtype=float)
+    zrot_deg = math.degrees(math.atan2(matrix[0, 1], matrix[0, 0]))
+    shifts = np.linalg.inv(matrix)[0:2, 2] * pixel_size_angstrom
+    return zrot_deg, float(shifts[0]), float(shifts[1])
+
+
+def alignment_matrix(zrot_deg: float, x_shift_angstrom: float, y_shift_angstrom: float,
+                     pixel_size_angstrom: float) -> np.ndarray:
+    """Scipion 3x3 tilt-image alignment matrix of RELION's ZRot and shifts (inverse of the above)."""
+    c, s = math.cos(math.radians(zrot_deg)), math.sin(math.radians(zrot_deg))
+    inverse = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]]).T
+    inverse[0:2, 2] = np.array([x_shift_angstrom, y_shift_angstrom]) / pixel_size_angstrom
+    return np.linalg.inv(inverse)
+
+
+def relion_angles_and_origin(matrix_relion: np.ndarray, pixel_size_angstrom: float):
+    """(rot, tilt, psi) in degrees and origin (x, y, z) in Å of a Scipion ``TR_RELION`` 4x4 matrix."""
+    from pwem.convert.transformations import euler_from_matrix
+
+    forward = np.linalg.inv(np.asarray(matrix_relion, dtype=float))
+    angles_deg = -np.rad2deg(euler_from_matrix(forward, axes="szyz"))
+    origin_angstrom = -forward[0:3, 3] * pixel_size_angstrom
+    return angles_deg, origin_angstrom
+
+
+def relion_matrix(angles_deg, origin_angstrom, pixel_size_angstrom: float) -> np.ndarray:
+    """Scipion ``TR_RELION`` 4x4 matrix of RELION angles and origin (inverse of the above)."""
+    from pwem.convert.transformations import euler_matrix
+
+    forward = euler_matrix(*(-np.deg2rad(np.asarray(angles_deg, dtype=float))), axes="szyz")
+    forward[0:3, 3] = -np.asarray(origin_angstrom, dtype=float) / pixel_size_angstrom
+    return np.linalg.inv(forward)
+
+
+def acquisition_order_by_dose(pre_exposure_e_per_angstrom2) -> list[int]:
+    """1-based acquisition order of tilts from their pre-exposure (ties keep table order)."""
+    order = np.argsort(np.asarray(pre_exposure_e_per_angstrom2, dtype=float), kind="stable")
+    ranks = np.empty(len(order), dtype=int)
+    ranks[order] = np.arange(1, len(order) + 1)
+    return ranks.tolist()
+
+
+# ------------------------------------------------------------------------ Scipion -> RELION files
+@dataclass
+class ConvertedInputs:
+    """Where :func:`write_optimisation_set_from_scipion` wrote things, and what it skipped."""
+
+    optimisation_set: Path
+    tomograms: Path
+    particles: Path
+    tilt_order: dict = field(default_factory=dict)
+    skipped_particles: int = 0
+
+
+def _relpath(path: str | os.PathLike) -> str:
+    """Paths inside STAR files are relative to the project (RELION's rule; the CWD of every step)."""
+    path = str(path)
+    return os.path.relpath(path) if os.path.isabs(path) else path
+
+
+def ctf_values_by_order(ctf_series) -> dict:
+    """Acquisition order -> (U Å, V Å, angle deg, phase shift deg or None, scale or None) of the
+    enabled CTFs of one ``CTFTomoSeries``."""
+    values = {}
+    for ctf in ctf_series.iterItems():
+        if not ctf.isEnabled():
+            continue
+        scale = getattr(ctf, ATTR_CTF_SCALE, None)
+        values[ctf.getAcquisitionOrder()] = (
+            ctf.getDefocusU(), ctf.getDefocusV(), ctf.getDefocusAngle(),
+            ctf.getPhaseShift() if ctf.hasPhaseShift() else None,
+            None if scale is None else scale.get())
+    return values
+
+
+def tilt_series_table(ts, ctf_by_order: dict) -> tuple[pd.DataFrame, list[int], str | None, int | None]:
+    """Per-tilt RELION table of one tilt series (enabled views that also have an enabled CTF;
+    ``ctf_by_order`` from :func:`ctf_values_by_order`).
+
+    Returns the table, the acquisition order of each row, and the stack file and its frame count when
+    the rows are its frames 1..n in order (else None, None, and the rows name their frame in
+    ``rlnMicrographName``).
+    """
+    pixel_size = ts.getSamplingRate()
+    tilt_axis_deg = ts.getAcquisition().getTiltAxisAngle() or 0.0
+    rows, orders, frames = [], [], []
+    for ti in ts.iterItems(orderBy="_index"):
+        if not ti.isEnabled() or ti.getAcquisitionOrder() not in ctf_by_order:
+            continue
+        defocus_u, defocus_v, angle, phase_shift, scale = ctf_by_order[ti.getAcquisitionOrder()]
+        transform = ti.getTransform()
+        matrix = transform.getMatrix() if transform is not None else np.eye(3)
+        zrot_deg, x_shift, y_shift = alignment_zrot_and_shifts(matrix, pixel_size)
+        xtilt = getattr(ti, ATTR_XTILT, None)
+        row = {
+            "rlnTomoNominalStageTiltAngle": ti.getTiltAngle(),
+            "rlnTomoNominalTiltAxisAngle": tilt_axis_deg,
+            "rlnMicrographPreExposure": ti.getAcquisition().getDoseInitial(),
+            "rlnDefocusU": defocus_u,
+            "rlnDefocusV": defocus_v,
+            "rlnDefocusAngle": angle,
+            "rlnCtfScalefactor": 1.0 if scale is None or not np.isfinite(scale) else scale,
+            "rlnTomoXTilt": 0.0 if xtilt is None or xtilt.get() is None else xtilt.get(),
+            "rlnTomoYTilt": ti.getTiltAngle(),
+            "rlnTomoZRot": zrot_deg,
+            "rlnTomoXShiftAngst": x_shift,
+            "rlnTomoYShiftAngst": y_shift,
+        }
+        if phase_shift is not None:
+            row["rlnPhaseShift"] = phase_shift
+        rows.append(row)
+        orders.append(ti.getAcquisitionOrder())
+        frames.append((ti.getIndex(), ti.getFileName()))
+    files = {f for _, f in frames}
+    in_order = len(files) == 1 and [i for i, _ in frames] == list(range(1, len(frames) + 1))
+    stack = files.pop() if in_order else None
+    table = pd.DataFrame(rows)
+    if not in_order:
+        table.insert(0, "rlnMicrographName", [f"{i}@{_relpath(f)}" for i, f in frames])
+    return table, orders, stack, len(frames) if in_order else None
+
+
+def tomogram_size_bin1_px(tomogram, tilt_series_pixel_angstrom: float) -> tuple[int, int, int]:
+    """RELION's ``rlnTomoSizeX/Y/Z``: the tomogram's size in tilt-series (bin-1) pixels."""
+    factor = tomogram.getSamplingRate() / tilt_series_pixel_angstrom
+    return tuple(int(round(d * factor)) for d in tomogram.getDim())
+
+
+def _particle_items(particles):
+    """(tsId, Coordinate3D with its tomogram plugged, TR_RELION matrix, coordinate pixel size) per particle."""
+    from tomo.constants import TR_RELION
+    from tomo.objects import SetOfSubTomograms
+
+    if isinstance(particles, SetOfSubTomograms):
+        coords_px = particles.getCoordinates3D().getSamplingRate()
+        for subtomo in particles.iterItems():
+            coord = subtomo.getCoordinate3D()
+            matrix = subtomo.getTransform(convention=TR_RELION).getMatrix()
+            half = getattr(subtomo, ATTR_HALF_SET, None) or getattr(coord, ATTR_HALF_SET, None)
+            yield coord.getTomoId(), coord, matrix, coords_px, half
+    else:
+        coords_px = particles.getSamplingRate()
+        for tomogram in particles.getPrecedents().iterItems():
+            for coord in particles.iterCoordinates(volume=tomogram):
+                yield coord.getTomoId(), coord, coord.getMatrix(convention=TR_RELION), coords_px, getattr(coord, ATTR_HALF_SET, None)
+
+
+def tomograms_of(particles) -> dict:
+    """tsId -> Tomogram (clone) of the tomograms the particles were picked in."""
+    from tomo.objects import SetOfSubTomograms
+
+    coords = particles.getCoordinates3D() if isinstance(particles, SetOfSubTomograms) else particles
+    return {tomo.getTsId(): tomo.clone() for tomo in coords.getPrecedents().iterItems()}
+
+
+def particles_table(particles, tomogram_sizes: dict, tilt_series_pixel_angstrom: float, keep_ts_ids) -> tuple[pd.DataFrame, int]:
+    """RELION-5 ``data_particles`` of Scipion coordinates or subtomograms, and the number skipped
+    (particles of tomograms without tilt series or CTF). Half sets alternate when the particles carry
+    none (``_rlnRandomSubset``)."""
+    from tomo.constants import BOTTOM_LEFT_CORNER
+
+    rows, skipped, counters = [], 0, {}
+    for ts_id, coord, matrix, coords_px, half in _particle_items(particles):
+        if ts_id not in keep_ts_ids:
+            skipped += 1
+            continue
+        size = np.asarray(tomogram_sizes[ts_id], dtype=float)
+        corner_px = np.array([coord.getX(BOTTOM_LEFT_CORNER), coord.getY(BOTTOM_LEFT_CORNER),
+                              coord.getZ(BOTTOM_LEFT_CORNER)]) * coords_px / tilt_series_pixel_angstrom
+        centred_angstrom = (corner_px - size / 2.0) * tilt_series_pixel_angstrom
+        angles, origin = relion_angles_and_origin(matrix, coords_px)
+        counters[ts_id] = counters.get(ts_id, 0) + 1
+        number = counters[ts_id]
+        half_value = int(half.get()) if half is not None and half.get() in (1, 2) else 2 - number % 2
+        rows.append({
+            "rlnTomoName": ts_id,
+            "rlnTomoParticleName": f"{ts_id}/{number}",
+            "rlnOpticsGroup": 1,
+            "rlnCenteredCoordinateXAngst": centred_angstrom[0],
+            "rlnCenteredCoordinateYAngst": centred_angstrom[1],
+            "rlnCenteredCoordinateZAngst": centred_angstrom[2],
+            "rlnAngleRot": angles[0], "rlnAngleTilt": angles[1], "rlnAnglePsi": angles[2],
+            "rlnOriginXAngst": origin[0], "rlnOriginYAngst": origin[1], "rlnOriginZAngst": origin[2],
+            "rlnRandomSubset": half_value,
+        })
+    return pd.DataFrame(rows), skipped
+
+
+def write_optimisation_set_from_scipion(out_dir, tilt_series_set, ctf_set, particles, half_maps, mask_path,
+                                        hand: int, fsc_path=None, box_size_px=None) -> ConvertedInputs:
+    """Write a RELION-5 optimisation set (tomograms, per-tilt-series tables, particles, references)
+    for the tilt series that have a CTF and particles.
+
+    ``out_dir`` gets ``optimisation_set.star``, ``tomograms.star``, ``tilt_series/<tsId>.star``,
+    ``particles.star`` and ``tilt_order.json``; the images, maps and mask are referenced, not copied.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "tilt_series").mkdir(parents=True, exist_ok=True)
+    pixel_size = tilt_series_set.getSamplingRate()
+    acquisition = tilt_series_set.getAcquisition()
+    tomograms = tomograms_of(particles)
+    ctf_by_id = {s.getTsId(): ctf_values_by_order(s) for s in ctf_set.iterItems()}
+    global_rows, tilt_order = [], {}
+    for ts in tilt_series_set.iterItems(orderBy="_tsId"):
+        ts_id = ts.getTsId()
+        if ts_id not in ctf_by_id or ts_id not in tomograms:
+            continue
+        table, orders, stack, frame_count = tilt_series_table(ts, ctf_by_id[ts_id])
+        if table.empty:
+            continue
+        ts_star = out_dir / "tilt_series" / f"{ts_id}.star"
+        write_star(StarDocument({ts_id: table}), ts_star)
+        tilt_order[ts_id] = orders
+        size = tomogram_size_bin1_px(tomograms[ts_id], pixel_size)
+        row = {
+            "rlnTomoName": ts_id,
+            "rlnVoltage": acquisition.getVoltage(),
+            "rlnSphericalAberration": acquisition.getSphericalAberration(),
+            "rlnAmplitudeContrast": acquisition.getAmplitudeContrast(),
+            "rlnMicrographOriginalPixelSize": pixel_size,
+            "rlnTomoHand": float(hand),
+            "rlnTomoTiltSeriesPixelSize": pixel_size,
+            "rlnTomoTiltSeriesStarFile": _relpath(ts_star),
+        }
+        if stack is not None:
+            row["rlnTomoTiltSeriesName"] = _relpath(stack)
+            row["rlnTomoFrameCount"] = frame_count
+        row.update({"rlnTomoSizeX": size[0], "rlnTomoSizeY": size[1], "rlnTomoSizeZ": size[2],
+                    "rlnTomoImportFractionalDose": ts.getAcquisition().getDosePerFrame() or 0.0,
+                    "rlnOpticsGroupName": OPTICS_GROUP_NAME})
+        global_rows.append(row)
+    global_table = pd.DataFrame(global_rows)
+    # RELION needs one column set for all rows: option A (stack) and option B rows cannot mix.
+    if "rlnTomoTiltSeriesName" in global_table and global_table["rlnTomoTiltSeriesName"].isna().any():
+        raise ValueError("some tilt series are stacks in acquisition order and others are not; "
+                         "re-stack them (e.g. with a 'tilt-series from tomograms' or an exclusion protocol)")
+    tomograms_star = write_star(StarDocument({"global": global_table}), out_dir / "tomograms.star")
+    sizes = {r["rlnTomoName"]: (r["rlnTomoSizeX"], r["rlnTomoSizeY"], r["rlnTomoSizeZ"]) for r in global_rows}
+    table, skipped = particles_table(particles, sizes, pixel_size, set(sizes))
+    optics = {
+        "rlnOpticsGroup": 1, "rlnOpticsGroupName": OPTICS_GROUP_NAME,
+        "rlnSphericalAberration": acquisition.getSphericalAberration(), "rlnVoltage": acquisition.getVoltage(),
+        "rlnTomoTiltSeriesPixelSize": pixel_size, "rlnAmplitudeContrast": acquisition.getAmplitudeContrast(),
+    }
+    if box_size_px:
+        optics["rlnImageSize"] = int(box_size_px)
+        optics["rlnImagePixelSize"] = pixel_size
+    particles_star = write_star(StarDocument({"general": {"rlnTomoSubTomosAre2DStacks": 1},
+                                              "optics": pd.DataFrame([optics]), "particles": table}),
+                                out_dir / "particles.star")
+    entries = {
+        "rlnTomoParticlesFile": _relpath(particles_star),
+        "rlnTomoTomogramsFile": _relpath(tomograms_star),
+        "rlnTomoReferenceMap1File": _relpath(half_maps[0]),
+        "rlnTomoReferenceMap2File": _relpath(half_maps[1]),
+        "rlnTomoReferenceMaskFile": _relpath(mask_path),
+    }
+    if fsc_path:
+        entries["rlnTomoReferenceFscFile"] = _relpath(fsc_path)
+    opt = write_star(StarDocument({"": entries}), out_dir / "optimisation_set.star")
+    (out_dir / TILT_ORDER_FILE).write_text(json.dumps(tilt_order, indent=1))
+    return ConvertedInputs(opt, tomograms_star, particles_star, tilt_order, skipped)
+
+
+def write_fsc_from_scipion(fsc, box_size_px: int, pixel_size_angstrom: float, path) -> Path:
+    """RELION FSC table (``rlnSpectralIndex``, ``rlnResolution``, ``rlnFourierShellCorrelation``)
+    from a Scipion ``FSC`` (frequencies in 1/Å)."""
+    from tomoctfrefine.io.fsc import FscCurve, write_fsc
+
+    frequency, values = fsc.getData()
+    frequency = np.asarray(frequency, dtype=float)
+    spectral_index = np.round(frequency * box_size_px * pixel_size_angstrom)
+    with np.errstate(divide="ignore"):
+        resolution = np.where(frequency > 0, 1.0 / np.where(frequency > 0, frequency, 1), 999.0)
+    return write_fsc(path, FscCurve(spectral_index, resolution, np.asarray(values, dtype=float)))
+
+
+# ------------------------------------------------------------------------- RELION files -> Scipion
+@dataclass
+class TiltSeriesCtf:
+    """Per-tilt CTF of one tomogram as RELION wrote it, matched to Scipion acquisition orders."""
+
+    ts_id: str
+    acquisition_order: list[int]
+    tilt_angle_deg: np.ndarray
+    defocus_u_angstrom: np.ndarray
+    defocus_v_angstrom: np.ndarray
+    defocus_angle_deg: np.ndarray
+    ctf_scale: np.ndarray
+    defocus_sigma_angstrom: np.ndarray | None = None
+    x_tilt_deg: np.ndarray | None = None
+    z_rot_deg: np.ndarray | None = None
+    shift_angstrom: np.ndarray | None = None
+    pre_exposure: np.ndarray | None = None
+
+
+def _column(table: pd.DataFrame, name: str, default=None):
+    if name in table:
+        return table[name].to_numpy(dtype=float)
+    return None if default is None else np.full(len(table), default, dtype=float)
+
+
+def read_tilt_series_ctfs(tomograms_star, tilt_order: dict | None = None) -> dict[str, TiltSeriesCtf]:
+    """tsId -> refined per-tilt CTF, read from a RELION-5 ``tomograms.star`` and its per-tilt files.
+
+    Rows are matched to acquisition orders with ``tilt_order`` (written at conversion) when given,
+    else by pre-exposure rank (the dose of a tilt grows with its acquisition order).
+    """
+    tomograms_star = Path(tomograms_star)
+    global_table = read_star(tomograms_star).blocks["global"]
+    result = {}
+    for _, row in global_table.iterrows():
+        ts_id = str(row["rlnTomoName"])
+        if "rlnTomoTiltSeriesStarFile" in row:
+            path = resolve_path(row["rlnTomoTiltSeriesStarFile"], [tomograms_star.parent])
+            table = read_star(path).blocks[ts_id]
+        else:
+            table = read_star(tomograms_star).blocks[ts_id]
+        pre = _column(table, "rlnMicrographPreExposure")
+        if tilt_order and ts_id in tilt_order and len(tilt_order[ts_id]) == len(table):
+            orders = list(tilt_order[ts_id])
+        else:
+            orders = acquisition_order_by_dose(pre)
+        shifts = None
+        if "rlnTomoXShiftAngst" in table:
+            shifts = np.stack([_column(table, "rlnTomoXShiftAngst"), _column(table, "rlnTomoYShiftAngst")], axis=1)
+        result[ts_id] = TiltSeriesCtf(
+            ts_id=ts_id, acquisition_order=orders,
+            tilt_angle_deg=_column(table, "rlnTomoNominalStageTiltAngle", np.nan) if "rlnTomoNominalStageTiltAngle" in table else _column(table, "rlnTomoYTilt", np.nan),
+            defocus_u_angstrom=_column(table, "rlnDefocusU"), defocus_v_angstrom=_column(table, "rlnDefocusV"),
+            defocus_angle_deg=_column(table, "rlnDefocusAngle"), ctf_scale=_column(table, "rlnCtfScalefactor", 1.0),
+            defocus_sigma_angstrom=_column(table, "rlnDefocusUncertainty") if "rlnDefocusUncertainty" in table else None,
+            x_tilt_deg=_column(table, "rlnTomoXTilt", 0.0), z_rot_deg=_column(table, "rlnTomoZRot"),
+            shift_angstrom=shifts, pre_exposure=pre,
+        )
+    return result
+
+
+def read_zernike(particles_star) -> dict[int, tuple[list[float], list[float]]]:
+    """Optics group -> (even, odd) Zernike coefficients of a RELION particles file (empty lists when absent)."""
+    optics = read_star(particles_star).blocks.get("optics")
+    result = {}
+    if optics is None:
+        return result
+    for _, row in optics.iterrows():
+        even = parse_vector(row["rlnEvenZernike"]) if "rlnEvenZernike" in row else []
+        odd = parse_vector(row["rlnOddZernike"]) if "rlnOddZernike" in row else []
+        result[int(row["rlnOpticsGroup"])] = (list(even), list(odd))
+    return result
+
+
+def refined_ctf_set(out_path, input_ctf_set, refined: dict[str, TiltSeriesCtf], tilt_series_pointer=None):
+    """A new ``SetOfCTFTomoSeries`` with the refined per-tilt defocus (and ``_ctfScale``,
+    ``_defocusUncertainty`` extra attributes), copied from ``input_ctf_set`` for the series and tilts
+    RELION refined. Tilts RELION did not see (excluded views) keep their flags and values.
+
+    Returns (set, number of CTFTomo updated).
+    """
+    from pyworkflow.object import Float
+    from tomo.objects import SetOfCTFTomoSeries
+
+    out = SetOfCTFTomoSeries.create(out_path, template="CTFmodels%s.sqlite")
+    out.copyInfo(input_ctf_set)
+    if tilt_series_pointer is not None:
+        out.setSetOfTiltSeries(tilt_series_pointer)
+    has_sigma = any(r.defocus_sigma_angstrom is not None for r in refined.values())
+    updated = 0
+    for series in input_ctf_set.iterItems(orderBy="_tsId"):
+        if series.getTsId() not in refined:
+            continue
+        result = refined[series.getTsId()]
+        by_order = {order: i for i, order in enumerate(result.acquisition_order)}
+        items = [ctf.clone() for ctf in series.iterItems(orderBy="_acqOrder")]
+        new_series = series.clone()
+        out.append(new_series)
+        for new_ctf in items:
+            new_ctf.setObjId(None)
+            row = by_order.get(new_ctf.getAcquisitionOrder())
+            old_scale = getattr(new_ctf, ATTR_CTF_SCALE, None)
+            scale = 1.0 if old_scale is None or old_scale.get() is None else old_scale.get()
+            sigma = None
+            if row is not None and new_ctf.isEnabled():
+                new_ctf.setStandardDefocus(float(result.defocus_u_angstrom[row]), float(result.defocus_v_angstrom[row]),
+                                           float(result.defocus_angle_deg[row]))
+                scale = float(result.ctf_scale[row])
+                if result.defocus_sigma_angstrom is not None:
+                    sigma = float(result.defocus_sigma_angstrom[row])
+                updated += 1
+            setattr(new_ctf, ATTR_CTF_SCALE, Float(scale))
+            if has_sigma:
+                setattr(new_ctf, ATTR_DEFOCUS_SIGMA, Float(sigma))
+            new_series.append(new_ctf)
+        out.update(new_series)
+    return out, updated

@@ -1,0 +1,394 @@
+"""Scipion protocol "tomo CTF refinement": per-tilt defocus, contrast scale and Zernike aberrations.
+
+Thin by design: convert Scipion's sets to a RELION-5 optimisation set, run the engine's pipeline one
+step per refinement (so "continue" resumes after the last finished one), register the results.
+It contains no numerics; the engine (``tomoctfrefine.pipeline``) does those.
+"""
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+
+from pwem.objects import EMFile
+from pwem.protocols import EMProtocol
+from pyworkflow import BETA
+from pyworkflow.object import Float, Integer, String
+from pyworkflow.protocol import params
+from pyworkflow.utils import Message
+from tomo.objects import SetOfCoordinates3D, SetOfCTFTomoSeries, SetOfSubTomograms
+
+from . import convert
+
+INPUT_SCIPION, INPUT_OPTIMISATION_SET = 0, 1
+ODD_ORDERS, EVEN_ORDERS = [3, 5, 7], [4, 6, 8]
+ENGINE_MODULE = "tomoctfrefine.protocols.engine_step"
+
+
+class Outputs(Enum):
+    CTFs = SetOfCTFTomoSeries
+    particles = SetOfSubTomograms
+    coordinates = SetOfCoordinates3D
+    optimisationSet = EMFile
+
+
+class ProtTomoCtfRefine(EMProtocol):
+    """Refine the per-tilt CTF of cryo-ET tilt series against a subtomogram average, as RELION-5's
+    "Tomo CTF refinement" (relion_tomo_refine_ctf) does: per-tilt defocus (a scan then an astigmatic
+    fit, optionally regularised), the contrast scale of each tilt (per frame, or the Beer-Lambert ice
+    model per tomogram or globally), and the odd and even Zernike aberrations of each optics group.
+
+    Inputs are Scipion tomo objects or an existing RELION optimisation set. Outputs: a new
+    SetOfCTFTomoSeries with the refined defocus (attribute _ctfScale holds the contrast scale per tilt),
+    the particles annotated with the Zernike coefficients and the RELION files, and the RELION
+    optimisation set itself for downstream RELION/reliontomo jobs.
+    """
+
+    _label = "tomo CTF refinement"
+    _devStatus = BETA
+    _possibleOutputs = Outputs
+
+    # ------------------------------------------------------------------------------------ form
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addParam("inputFrom", params.EnumParam, choices=["Scipion objects", "RELION optimisation set"],
+                      default=INPUT_SCIPION, display=params.EnumParam.DISPLAY_HLIST, important=True,
+                      label="Input from",
+                      help="Scipion objects: tilt series with their alignment, their CTF, the particles and "
+                           "the average with its half maps (converted to a RELION-5 optimisation set).\n"
+                           "RELION optimisation set: an existing optimisation_set.star, e.g. the one of "
+                           "reliontomo's pseudo-subtomograms, used as it is.")
+        form.addParam("optimisationSet", params.FileParam, condition=f"inputFrom=={INPUT_OPTIMISATION_SET}",
+                      label="Optimisation set (optimisation_set.star)",
+                      help="A RELION 4 or 5 optimisation set naming the particles, the tomograms, the two "
+                           "half maps and the mask (and optionally the FSC and trajectories).")
+        form.addParam("inputTiltSeries", params.PointerParam, pointerClass="SetOfTiltSeries", allowsNull=True,
+                      label="Tilt series (aligned, bin 1)",
+                      help="Aligned, non-interpolated tilt series at the pixel size the particles were "
+                           "refined at (bin 1). With an optimisation set as input it is optional: give it "
+                           "with the CTFs below to get the refined CTF back as Scipion objects.")
+        form.addParam("inputCtfTomoSeries", params.PointerParam, pointerClass="SetOfCTFTomoSeries",
+                      allowsNull=True, label="CTF of the tilt series",
+                      help="The per-tilt CTF estimated for these tilt series: the starting defocus "
+                           "(Å, positive underfocus) of the refinement. Excluded views are skipped.")
+        form.addParam("inReParticles", params.PointerParam, pointerClass="SetOfSubTomograms,SetOfCoordinates3D",
+                      allowsNull=True, condition=f"inputFrom=={INPUT_SCIPION}",
+                      label="Particles (oriented subtomograms or 3D coordinates)",
+                      help="Particles with the orientations of the refinement that produced the average, "
+                           "and their half set (attribute _rlnRandomSubset, 1 or 2; alternated if absent). "
+                           "Their tomograms give the tomogram size.")
+        form.addParam("recVolume", params.PointerParam, pointerClass="AverageSubTomogram,Volume",
+                      allowsNull=True, condition=f"inputFrom=={INPUT_SCIPION}",
+                      label="Average with its half maps (bin 1)",
+                      help="The subtomogram average; its two half maps are the references. It must be at "
+                           "the tilt series' pixel size (Å/px).")
+        form.addParam("inRefMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
+                      condition=f"inputFrom=={INPUT_SCIPION}", label="Reference mask",
+                      help="Soft mask around the particle, same box and pixel size (Å/px) as the half maps.")
+        form.addParam("inFsc", params.PointerParam, pointerClass="FSC", allowsNull=True,
+                      condition=f"inputFrom=={INPUT_SCIPION}", label="FSC of the half maps (optional)",
+                      help="Gold-standard FSC (frequency in 1/Å): frequencies where it is low get less "
+                           "weight. Without it the half maps' own FSC is used.")
+        form.addParam("handedness", params.BooleanParam, default=True, condition=f"inputFrom=={INPUT_SCIPION}",
+                      label="Does focus decrease with Z distance?",
+                      help="RELION's rlnTomoHand: yes writes -1, no writes +1. The refinement reports "
+                           "whether the data agree (hand check plot).")
+
+        form.addSection(label="Defocus")
+        form.addParam("boxSize", params.IntParam, default=512, validators=[params.GE(16)],
+                      label="Box size for estimation (px, bin 1)",
+                      help="Side of the square boxes cut around each particle in each tilt image, in "
+                           "tilt-series pixels (bin 1). RELION-5's tutorial uses 512; it must hold the "
+                           "particle and the CTF's delocalisation and fit in the tilt images. The values "
+                           "found do not depend on it. Wizard: from the particle diameter.")
+        form.addParam("refineDefocus", params.BooleanParam, default=True, label="Refine defocus?",
+                      help="Refine U, V and the astigmatism angle of every tilt.")
+        form.addParam("defocusRange", params.IntParam, default=3000, condition="refineDefocus",
+                      validators=[params.GT(0)], label="Defocus search range (± Å)",
+                      help="The first scan tests offsets from -range to +range Å around the input defocus "
+                           "(RELION's --d0 -R --d1 R). Wizard: from the spread of the input CTFs.")
+        form.addParam("defocusSteps", params.IntParam, default=100, condition="refineDefocus",
+                      validators=[params.GE(2)], expertLevel=params.LEVEL_ADVANCED,
+                      label="Defocus scan samples",
+                      help="Number of offsets tested in the scan (RELION's --ds).")
+        form.addParam("doDefocusReg", params.BooleanParam, default=True, condition="refineDefocus",
+                      label="Do defocus regularisation?",
+                      help="Pull each tilt's defocus towards its neighbours in the tilt series, weighted by "
+                           "how well the data determine it.")
+        form.addParam("regParam", params.FloatParam, default=0.1, condition="refineDefocus and doDefocusReg",
+                      validators=[params.GE(0)], label="Defocus regularisation lambda (dimensionless)",
+                      help="Strength of the regularisation (RELION's --lambda); 0.1 in RELION-5's tutorial.")
+        form.addParam("kMin", params.FloatParam, default=30.0, expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.GT(0)], label="Lowest resolution used (Å)",
+                      help="Frequencies below 1/kMin are ignored (RELION's --kmin).")
+        form.addParam("refineContrast", params.BooleanParam, default=True, label="Refine contrast scale?",
+                      help="Refine the contrast scale of each tilt (rlnCtfScalefactor).")
+        form.addParam("refineScalePerFrame", params.BooleanParam, default=True, condition="refineContrast",
+                      label="Refine scale per frame?",
+                      help="One free scale per tilt image. Exclusive with per tomogram; with neither, one "
+                           "Beer-Lambert ice model is fitted to all tomograms.")
+        form.addParam("refineScalePerTomo", params.BooleanParam, default=False, condition="refineContrast",
+                      label="Refine scale per tomogram?",
+                      help="A Beer-Lambert ice model (luminance, thickness, ice normal) per tomogram. "
+                           "Exclusive with per frame.")
+
+        form.addSection(label="Aberrations")
+        form.addParam("refineOddAbe", params.BooleanParam, default=False, label="Refine odd aberrations?",
+                      help="Odd Zernike terms (beam tilt, trefoil) per optics group.")
+        form.addParam("maxAbeOddOrder", params.EnumParam, choices=[str(o) for o in ODD_ORDERS], default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, condition="refineOddAbe",
+                      label="Max order of odd aberrations (Zernike n)",
+                      help="Highest radial order n of the odd Zernike polynomials; 3 is RELION's default.")
+        form.addParam("refineEvenAbe", params.BooleanParam, default=False, label="Refine even aberrations?",
+                      help="Even Zernike terms (spherical aberration, astigmatism corrections) per optics group.")
+        form.addParam("maxAbeEvenOrder", params.EnumParam, choices=[str(o) for o in EVEN_ORDERS], default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, condition="refineEvenAbe",
+                      label="Max order of even aberrations (Zernike n)",
+                      help="Highest radial order n of the even Zernike polynomials; 4 is RELION's default.")
+
+        form.addParallelSection(threads=1, mpi=1)
+
+    # ------------------------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        options = json.dumps(self.refineOptions(), sort_keys=True)
+        self._insertFunctionStep(self.convertInputStep, options, needsGPU=False)
+        self._insertFunctionStep(self.prepareStep, options, needsGPU=False)
+        if self.refineDefocus:
+            self._insertFunctionStep(self.refineDefocusStep, needsGPU=False)
+        if self.refineContrast:
+            self._insertFunctionStep(self.refineScaleStep, needsGPU=False)
+        if self.refineOddAbe or self.refineEvenAbe:
+            self._insertFunctionStep(self.refineAberrationsStep, needsGPU=False)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def refineOptions(self) -> dict:
+        """The form as keyword arguments of ``tomoctfrefine.pipeline.RefineOptions``."""
+        if not self.refineContrast:
+            scale_mode = "per_frame"
+        elif self.refineScalePerFrame:
+            scale_mode = "per_frame"
+        elif self.refineScalePerTomo:
+            scale_mode = "per_tomogram"
+        else:
+            scale_mode = "global"
+        defocus_range = float(self.defocusRange.get())
+        return dict(
+            box_size_px=int(self.boxSize.get()),
+            do_defocus=bool(self.refineDefocus.get()),
+            defocus_scan_min_angstrom=-defocus_range,
+            defocus_scan_max_angstrom=defocus_range,
+            defocus_scan_steps=int(self.defocusSteps.get()),
+            regularise_defocus=bool(self.refineDefocus.get() and self.doDefocusReg.get()),
+            regularisation_lambda=float(self.regParam.get()),
+            kmin_angstrom=float(self.kMin.get()),
+            do_scale=bool(self.refineContrast.get()),
+            scale_mode=scale_mode,
+            do_even_aberrations=bool(self.refineEvenAbe.get()),
+            even_order=EVEN_ORDERS[self.maxAbeEvenOrder.get()],
+            do_odd_aberrations=bool(self.refineOddAbe.get()),
+            odd_order=ODD_ORDERS[self.maxAbeOddOrder.get()],
+            threads=max(1, int(self.numberOfThreads.get() or 1)),
+        )
+
+    # paths (relative to the project directory, the working directory of every step)
+    def inputDir(self) -> str:
+        return self._getExtraPath("in")
+
+    def outDir(self) -> str:
+        return self._getExtraPath("out")
+
+    def optionsFile(self) -> str:
+        return self._getExtraPath("refine_options.json")
+
+    def inputOptimisationSet(self) -> str:
+        if self.inputFrom.get() == INPUT_OPTIMISATION_SET:
+            return self.optimisationSet.get()
+        return os.path.join(self.inputDir(), "optimisation_set.star")
+
+    def convertInputStep(self, optionsJson):
+        os.makedirs(self.outDir(), exist_ok=True)
+        with open(self.optionsFile(), "w") as handle:
+            handle.write(optionsJson)
+        if self.inputFrom.get() == INPUT_OPTIMISATION_SET:
+            return
+        volume = self.recVolume.get()
+        halves = volume.getHalfMaps(asList=True)
+        fsc_path = None
+        if self.inFsc.get() is not None:
+            fsc_path = convert.write_fsc_from_scipion(self.inFsc.get(), volume.getXDim(), volume.getSamplingRate(),
+                                                      os.path.join(self.inputDir(), "fsc.star"))
+        particles = self.inReParticles.get()
+        box = particles.getBoxSize() if hasattr(particles, "getBoxSize") else None
+        converted = convert.write_optimisation_set_from_scipion(
+            self.inputDir(), self.inputTiltSeries.get(), self.inputCtfTomoSeries.get(), particles,
+            [_mrc_path(h) for h in halves], _mrc_path(self.inRefMask.get().getFileName()),
+            hand=-1 if self.handedness else 1, fsc_path=fsc_path, box_size_px=box)
+        self.info(f"Wrote {converted.optimisation_set}: {len(converted.tilt_order)} tilt series; "
+                  f"{converted.skipped_particles} particles skipped (no tilt series or CTF)")
+
+    def _runEngine(self, step, *extra, mpi=1):
+        args = " ".join(["-m", ENGINE_MODULE, step, self.outDir(), *extra])
+        from tomoctfrefine.plugin import Plugin
+
+        self.runJob(Plugin.getPythonProgram(), args, env=Plugin.getEnviron(self.numberOfThreads.get() or 1),
+                    numberOfMpi=mpi)
+
+    def prepareStep(self, optionsJson):
+        self._runEngine("prepare", "--optimisation-set", self.inputOptimisationSet(), "--options", self.optionsFile(),
+                        mpi=max(1, int(self.numberOfMpi.get() or 1)))
+
+    def refineDefocusStep(self):
+        self._runEngine("refine_defocus")
+
+    def refineScaleStep(self):
+        self._runEngine("refine_scale")
+
+    def refineAberrationsStep(self):
+        self._runEngine("refine_aberrations")
+
+    def createOutputStep(self):
+        self._runEngine("write_outputs")
+        self.registerOutputs(self.outDir())
+
+    def registerOutputs(self, outDir):
+        """Register the RELION files in ``outDir`` as Scipion sets (separate from the step so that a
+        refinement made elsewhere can be registered the same way)."""
+        out_dir = Path(outDir)
+        opt_path = out_dir / "optimisation_set.star"
+        from tomoctfrefine.io.optimisation_set import read_optimisation_set
+
+        out_opt = read_optimisation_set(opt_path)
+        tomograms_star = out_opt.resolved("tomograms_path")
+        particles_star = out_opt.resolved("particles_path")
+        outputs, sources = {}, []
+
+        opt_file = EMFile(filename=str(opt_path))
+        outputs[Outputs.optimisationSet.name] = opt_file
+
+        ctf_set = self.inputCtfTomoSeries.get()
+        if ctf_set is not None and tomograms_star is not None:
+            order_file = Path(self.inputDir()) / convert.TILT_ORDER_FILE
+            tilt_order = json.loads(order_file.read_text()) if order_file.exists() else None
+            refined = convert.read_tilt_series_ctfs(tomograms_star, tilt_order)
+            ts_pointer = self.inputTiltSeries if self.inputTiltSeries.get() is not None else None
+            ctfs, updated = convert.refined_ctf_set(self._getPath(), ctf_set, refined, ts_pointer)
+            self.info(f"{updated} tilt CTFs refined in {len(refined)} tilt series")
+            outputs[Outputs.CTFs.name] = ctfs
+            sources.append(self.inputCtfTomoSeries)
+
+        particles = self.inReParticles.get() if self.inputFrom.get() == INPUT_SCIPION else None
+        if particles is not None:
+            zernike = convert.read_zernike(particles_star) if particles_star is not None and particles_star.exists() else {}
+            even, odd = zernike.get(1, ([], []))
+            if isinstance(particles, SetOfSubTomograms):
+                new = SetOfSubTomograms.create(self._getPath(), template="subtomograms%s.sqlite")
+                name = Outputs.particles.name
+            else:
+                new = SetOfCoordinates3D.create(self._getPath(), template="coordinates%s.sqlite")
+                name = Outputs.coordinates.name
+            new.copyInfo(particles)
+            new.copyItems(particles)
+            new.setBoxSize(particles.getBoxSize())
+            new._evenZernike = String(json.dumps(even))
+            new._oddZernike = String(json.dumps(odd))
+            new._optimisationSet = String(str(opt_path))
+            new._relionTomograms = String(str(tomograms_star))
+            new._relionParticles = String(str(particles_star))
+            new._estimationBoxSize = Integer(self.boxSize.get())
+            outputs[name] = new
+            sources.append(self.inReParticles)
+
+        self._defineOutputs(**outputs)
+        for source in sources + ([self.inputTiltSeries] if self.inputTiltSeries.get() is not None else []):
+            for output in outputs.values():
+                self._defineSourceRelation(source, output)
+
+    # ------------------------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        refine_anything = self.refineDefocus or self.refineContrast or self.refineOddAbe or self.refineEvenAbe
+        if not refine_anything:
+            errors.append("Nothing to refine: enable defocus, scale or aberrations.")
+        if self.refineContrast and self.refineScalePerFrame and self.refineScalePerTomo:
+            errors.append("Per-frame and per-tomogram scale are exclusive: choose one (neither fits one "
+                          "Beer-Lambert model to all tomograms).")
+        if self.inputFrom.get() == INPUT_OPTIMISATION_SET:
+            errors += self._validateOptimisationSet()
+        else:
+            errors += self._validateScipionInputs()
+        return errors
+
+    def _validateScipionInputs(self):
+        errors = []
+        needed = [("inputTiltSeries", "tilt series"), ("inputCtfTomoSeries", "CTF of the tilt series"),
+                  ("inReParticles", "particles"), ("recVolume", "average with its half maps"),
+                  ("inRefMask", "reference mask")]
+        missing = [label for name, label in needed if getattr(self, name).get() is None]
+        if missing:
+            return ["Missing input: " + ", ".join(missing) + "."]
+        ts_set, volume = self.inputTiltSeries.get(), self.recVolume.get()
+        ts_pixel = ts_set.getSamplingRate()
+        if not volume.hasHalfMaps():
+            errors.append("The average has no half maps: import or reconstruct it with its two half maps.")
+        if abs(volume.getSamplingRate() - ts_pixel) > 1e-3 * ts_pixel:
+            errors.append(f"The reference is at {volume.getSamplingRate():.3f} Å/px but the tilt series are at "
+                          f"{ts_pixel:.3f} Å/px: the refinement needs the average at bin 1 (reconstruct it at "
+                          f"the tilt series' pixel size).")
+        mask = self.inRefMask.get()
+        if mask.getDim() != volume.getDim():
+            errors.append(f"The mask box {mask.getDim()} differs from the average's {volume.getDim()}.")
+        dims = ts_set.getDim()
+        if dims and self.boxSize.get() > min(dims[0], dims[1]):
+            errors.append(f"Box size {self.boxSize.get()} px is larger than the tilt images ({dims[0]} x {dims[1]} px): "
+                          f"use at most {min(dims[0], dims[1])}.")
+        if not ts_set.hasAlignment():
+            errors.append("The tilt series have no alignment: align them (or import their alignment) first.")
+        return errors
+
+    def _validateOptimisationSet(self):
+        path = self.optimisationSet.get()
+        if not path or not os.path.exists(path):
+            return [f"Optimisation set {path!r} not found: give an existing optimisation_set.star."]
+        try:
+            from tomoctfrefine.io.optimisation_set import read_optimisation_set
+            from tomoctfrefine.validate import validate_inputs
+        except ImportError:
+            return []
+        from tomoctfrefine.errors import InputError
+
+        try:
+            problems = validate_inputs(read_optimisation_set(path), box_size_px=self.boxSize.get())
+        except InputError as error:
+            problems = error.problems
+        return [str(problem) for problem in problems]
+
+    def _warnings(self):
+        warnings = []
+        if self.inputFrom.get() == INPUT_SCIPION and self.inFsc.get() is None:
+            warnings.append("No FSC given: frequency weights come from the half maps themselves.")
+        return warnings
+
+    def _summary(self):
+        summary = []
+        if self.hasAttribute(Outputs.CTFs.name):
+            summary.append(f"Refined CTF of {getattr(self, Outputs.CTFs.name).getSize()} tilt series.")
+        if self.hasAttribute(Outputs.optimisationSet.name):
+            summary.append(f"RELION files: {getattr(self, Outputs.optimisationSet.name).getFileName()}")
+        if not summary:
+            summary.append("Outputs not ready yet.")
+        return summary
+
+    def _methods(self):
+        steps = [name for flag, name in ((self.refineDefocus, "per-tilt defocus"), (self.refineContrast, "contrast scale"),
+                                         (self.refineOddAbe, "odd aberrations"), (self.refineEvenAbe, "even aberrations")) if flag]
+        return [f"Tilt-series CTF ({', '.join(steps)}) refined with tomoctfrefine, a re-implementation of "
+                f"RELION-5's tomo CTF refinement [Burt2024], with {self.boxSize.get()} px boxes."]
+
+    def _citations(self):
+        return ["Burt2024", "Zivanov2022"]
+
+
+def _mrc_path(path: str) -> str:
+    """A Scipion file name without its ``:mrc`` format suffix."""
+    return path.split(":")[0] if path.endswith((":mrc", ":mrcs")) else path
