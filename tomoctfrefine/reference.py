@@ -307,8 +307,8 @@ def frequency_cutoff_weight(
     ----------
     references : PreparedReferences
         Used for the box size, the map pixel size and (without ``fsc``) the half-map SNR estimate.
-    fsc : array or None
-        FSC values by spectral index (RELION ``--fsc``); without it the SNR and the last shell are
+    fsc : array, FscCurve or None
+        FSC values by spectral index (RELION ``--fsc``, e.g. ``io.read_fsc(path)``); without it the SNR and the last shell are
         estimated from the half maps.
     freq_cutoff_angstrom : float or None
         RELION ``--freq_cutoff``: lowers the last shell to ``int(s p / X)`` if that is smaller.
@@ -325,7 +325,7 @@ def frequency_cutoff_weight(
     s = references.box_size_px
     sh = s // 2 + 1
     if fsc is not None:
-        snr, last_shell = snr_from_fsc(fsc, s)
+        snr, last_shell = snr_from_fsc(getattr(fsc, "fsc", fsc), s)
     else:
         snr, last_shell = snr_from_half_maps(references)
     if freq_cutoff_angstrom is not None and freq_cutoff_angstrom > 0:
