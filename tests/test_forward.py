@@ -60,6 +60,13 @@ def test_taper_and_presharpen_follow_relion():
     assert sharpened[s // 2, s // 2, s // 2 + 8] == pytest.approx(1.0 / (np.sinc(8 / s) ** 2 + 0.02))
 
 
+def test_centred_fourier_transform_is_unitary_rfftn_with_origin_at_the_box_centre():
+    volume = np.random.default_rng(1).normal(size=(16, 16, 16))
+    ft = reference.centred_fourier_transform(volume)
+    np.testing.assert_allclose(ft, np.fft.rfftn(np.fft.ifftshift(volume), norm="ortho"), atol=2e-6)
+    assert ft.dtype == np.complex64
+
+
 def test_prepare_rejects_a_reference_larger_than_the_box():
     half = np.zeros((48, 48, 48), dtype=np.float32)
     with pytest.raises(InputError, match=r"half map 1 \[--b\]: reference is 48 px, larger than the box 32 px; choose a box"):

@@ -68,19 +68,22 @@ def _per_tilt(tomogram, name: str, default: float) -> np.ndarray:
     return np.broadcast_to(np.asarray(values, dtype=float), (n_tilts,))
 
 
-def tilt_gamma(tomogram, box_size_px: int, even_zernike: np.ndarray | list = ()) -> np.ndarray:
+def tilt_gamma(tomogram, box_size_px: int, even_zernike: np.ndarray | list = (), tilts=None) -> np.ndarray:
     """CTF phase of each tilt at the tomogram centre incl. the even aberration phase,
-    ``(n_tilts, s, s//2+1)``; a particle at depth offset ``dz`` has ``gamma - pi lambda dz |k|^2``."""
+    ``(n_tilts, s, s//2+1)`` (or only ``tilts``); a particle at depth offset ``dz`` has
+    ``gamma - pi lambda dz |k|^2``."""
     fx, fy = fourier_grid_per_angstrom(box_size_px, tomogram.pixel_size_angstrom)
     even = even_phase_rad(list(even_zernike), fx, fy) if len(even_zernike) else 0.0
     phase_shift = _per_tilt(tomogram, "phase_shift_deg", 0.0)
+    tilts = range(len(phase_shift)) if tilts is None else tilts
     return np.stack([
-        ctf_gamma(u, v, a, tomogram.optics, fx, fy, phase_shift_deg=ps, even_phase_rad=even)
-        for u, v, a, ps in zip(tomogram.defocus_u_angstrom, tomogram.defocus_v_angstrom, tomogram.defocus_angle_deg, phase_shift)
+        ctf_gamma(tomogram.defocus_u_angstrom[f], tomogram.defocus_v_angstrom[f], tomogram.defocus_angle_deg[f],
+                  tomogram.optics, fx, fy, phase_shift_deg=phase_shift[f], even_phase_rad=even)
+        for f in tilts
     ])
 
 
-def tilt_damping(tomogram, box_size_px: int) -> np.ndarray:
+def tilt_damping(tomogram, box_size_px: int, tilts=None) -> np.ndarray:
     """Dose weight times the tilt's CTF B-factor envelope, ``(n_tilts, s, s//2+1)``.
 
     RELION leaves the B-factor out of the per-pixel statistics but puts it in the scale fit; we put it
@@ -90,9 +93,10 @@ def tilt_damping(tomogram, box_size_px: int) -> np.ndarray:
     k = np.hypot(fx, fy)
     per_dose = float(getattr(tomogram, "bfactor_per_electron_dose_angstrom2", 0.0) or 0.0)
     bfactors = _per_tilt(tomogram, "ctf_bfactor_angstrom2", 0.0)
+    tilts = range(len(bfactors)) if tilts is None else tilts
     return np.stack([
-        dose_weight(n, k, per_dose) * (ctf_envelope(b, fx, fy) if b else 1.0)
-        for n, b in zip(tomogram.pre_exposure_e_per_angstrom2, bfactors)
+        dose_weight(tomogram.pre_exposure_e_per_angstrom2[f], k, per_dose) * (ctf_envelope(bfactors[f], fx, fy) if bfactors[f] else 1.0)
+        for f in tilts
     ])
 
 

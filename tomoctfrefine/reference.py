@@ -54,59 +54,81 @@ class PreparedReferences:
                                   float(max_radius_px))
 
 
-def pad_volume(volume: np.ndarray, box_size_px: int) -> np.ndarray:
+def pad_volume(volume: np.ndarray, box_size_px: int, dtype=np.float64) -> np.ndarray:
     """Zero-pad a cubic map symmetrically by ``(s - n)//2`` on each side to ``s``³ (RELION's padCenter3D)."""
     n = volume.shape[0]
     if n > box_size_px:
         raise ValueError(f"reference is {n} px, larger than the box {box_size_px} px")
-    if n == box_size_px:
-        return volume.astype(np.float64, copy=True)
-    out = np.zeros((box_size_px,) * 3)
+    out = np.zeros((box_size_px,) * 3, dtype=dtype)
     start = (box_size_px - n) // 2
     out[start:start + n, start:start + n, start:start + n] = volume
     return out
 
 
-def _radius_from_centre(box_size_px: int) -> np.ndarray:
+def _slice_radius(box_size_px: int, z: int) -> np.ndarray:
+    """Distance of every voxel of slice ``z`` from the box centre ``(s/2, s/2, s/2)``, shape (s, s)."""
     axis = np.arange(box_size_px) - box_size_px // 2
-    return np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+    return np.sqrt((z - box_size_px // 2) ** 2 + axis[:, None] ** 2 + axis[None, :] ** 2)
 
 
-def taper_volume(volume: np.ndarray, edge_width_px: float = 10.0) -> np.ndarray:
+def _taper_weight(radius: np.ndarray, half: float, edge_width_px: float) -> np.ndarray:
+    c = np.where(radius < half - edge_width_px, 1.0, 0.5 - 0.5 * np.cos(np.pi * (half - radius) / edge_width_px))
+    return np.where(radius < half, c, 0.0)
+
+
+def taper_volume(volume: np.ndarray, edge_width_px: float = 10.0, *, in_place: bool = False) -> np.ndarray:
     """RELION's ``Reconstruction::taper``: spherical cosine edge of ``edge_width_px`` ending at ``s/2``.
 
     ``c(r) = 1`` below ``s/2 - w``, ``1/2 - 1/2 cos(pi (s/2 - r)/w)`` up to ``s/2``, 0 beyond; the
-    ``c``-weighted mean inside ``s/2`` is subtracted before multiplying by ``c``.
+    ``c``-weighted mean inside ``s/2`` is subtracted before multiplying by ``c``. Works slice by slice
+    (no full-size temporaries).
     """
-    s = volume.shape[0]
-    half = s / 2.0
-    r = _radius_from_centre(s)
-    c = np.where(r < half - edge_width_px, 1.0, 0.5 - 0.5 * np.cos(np.pi * (half - r) / edge_width_px))
-    c = np.where(r < half, c, 0.0)
-    mean = np.sum(c * volume) / np.sum(c)
-    return c * (volume - mean)
+    out = volume if in_place else volume.copy()
+    s = out.shape[0]
+    weighted, total = 0.0, 0.0
+    for z in range(s):
+        c = _taper_weight(_slice_radius(s, z), s / 2.0, edge_width_px)
+        weighted += float(np.sum(c * out[z]))
+        total += float(np.sum(c))
+    mean = weighted / total
+    for z in range(s):
+        c = _taper_weight(_slice_radius(s, z), s / 2.0, edge_width_px)
+        out[z] = c * (out[z] - mean)
+    return out
 
 
-def presharpen(volume: np.ndarray) -> np.ndarray:
+def presharpen(volume: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Divide by ``sinc²(r/s) + 0.02`` (pre-compensates trilinear interpolation in Fourier space).
 
     As RELION does, the centre voxel (``r = 0``) is set to 0.
     """
-    s = volume.shape[0]
-    u = _radius_from_centre(s) / s
-    factor = np.sinc(u) ** 2 + 0.02
-    out = volume / factor
+    out = volume if in_place else volume.copy()
+    s = out.shape[0]
+    for z in range(s):
+        out[z] = out[z] / (np.sinc(_slice_radius(s, z) / s) ** 2 + 0.02)
     out[s // 2, s // 2, s // 2] = 0.0
     return out
 
 
-def centred_fourier_transform(volume: np.ndarray) -> np.ndarray:
-    """Unitary 3D rfft with the origin moved from voxel 0 to voxel ``s//2`` (factor ``(-1)^(x+y+z)``)."""
+def centred_fourier_transform(volume: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Unitary 3D rfft with the origin moved from voxel 0 to voxel ``s//2`` (factor ``(-1)^(x+y+z)``).
+
+    Computed as 2D transforms of z slices followed by 1D transforms along z in blocks of rows, so
+    that the only full-size array is ``out`` (complex64 unless given).
+    """
     s = volume.shape[0]
-    ft = scipy.fft.rfftn(volume, norm="ortho")
-    iz, iy, ix = np.ogrid[0:s, 0:s, 0:s // 2 + 1]
-    sign = 1 - 2 * ((iz + iy + ix) % 2)
-    return ft * sign
+    sh = s // 2 + 1
+    if out is None:
+        out = np.empty((s, s, sh), dtype=np.complex64)
+    iy, ix = np.ogrid[0:s, 0:sh]
+    sign_yx = (1 - 2 * ((iy + ix) % 2)).astype(np.float32)
+    sign_z = (1 - 2 * (np.arange(s) % 2)).astype(np.float32)[:, None, None]
+    for z in range(s):
+        out[z] = scipy.fft.rfft2(volume[z], norm="ortho") * sign_yx
+    block = max(1, (32 * 2**20) // (s * sh * 16))
+    for y in range(0, s, block):
+        out[:, y:y + block] = scipy.fft.fft(out[:, y:y + block], axis=0, norm="ortho") * sign_z
+    return out
 
 
 def prepare_references(
@@ -156,8 +178,11 @@ def prepare_references(
         volume = np.asarray(half, dtype=np.float64)
         if mask is not None:
             volume = volume * mask
-        volume = presharpen(taper_volume(pad_volume(volume, box_size_px)))
-        out[i] = centred_fourier_transform(volume)
+        # float32 from here on (as RELION): at s = 512 one padded map is 0.5 GB
+        volume = pad_volume(volume, box_size_px, dtype=np.float32)
+        presharpen(taper_volume(volume, in_place=True), in_place=True)
+        centred_fourier_transform(volume, out=out[i])
+        del volume
     return PreparedReferences(out, box_size_px, float(pixel_size_angstrom), float(np.inf))
 
 
@@ -342,6 +367,14 @@ def frequency_cutoff_weight(
     flank = (r > last_shell) & (r < last_shell + fsc_thresh_width_px)
     envelope = np.where(flank, 0.5 * (1 + np.cos(np.pi * (r - last_shell) / fsc_thresh_width_px)), 1.0)
     return np.where(valid, g * envelope, 0.0)
+
+
+def weight_support_radius_px(weights: np.ndarray) -> float:
+    """Largest radius (in ``1/s`` units) of a pixel with non-zero weight; pass it to
+    :meth:`PreparedReferences.cropped` to keep only the reference frequencies the statistics read."""
+    s = weights.shape[-2]
+    nonzero = np.any(np.reshape(weights, (-1, s, s // 2 + 1)) != 0, axis=0)
+    return float(radius_px(s)[nonzero].max()) if nonzero.any() else 0.0
 
 
 def kmin_radius_px(box_size_px: int, pixel_size_angstrom: float, kmin_angstrom: float) -> float:

@@ -151,8 +151,7 @@ def compute_statistics(
     s = references.box_size_px
     sh = s // 2 + 1
     n_tilts = len(tomogram.projection_matrices)
-    weights = np.broadcast_to(np.asarray(weights, dtype=np.float64), (n_tilts, s, sh)).copy()
-    weights[:, 0, 0] = 0.0
+    weights = np.broadcast_to(np.asarray(weights), (n_tilts, s, sh))
     positions_px = np.asarray(positions_px, dtype=float)
     image_positions = forward.image_positions_px(tomogram, positions_px, trajectory_shifts_angstrom)
     seen = forward.visibility(tomogram, image_positions, s)
@@ -162,8 +161,6 @@ def compute_statistics(
         raise ValueError("half sets must be 1 or 2")
     k1 = np.pi * tomogram.optics.wavelength_angstrom
     depth_phase = k1 * forward.depth_defocus_angstrom(tomogram, positions_px)
-    gamma = forward.tilt_gamma(tomogram, s, even_zernike)
-    damping = forward.tilt_damping(tomogram, s)
     fx, fy = forward.fourier_grid_per_angstrom(s, tomogram.pixel_size_angstrom)
     freq2 = fx**2 + fy**2
     max_radius2 = float(references.max_radius_px) ** 2
@@ -181,6 +178,10 @@ def compute_statistics(
         if not len(rows):
             continue
         image = np.ascontiguousarray(tilt_images[f], dtype=np.float32)
+        gamma = forward.tilt_gamma(tomogram, s, even_zernike, [f])[0]
+        damping = forward.tilt_damping(tomogram, s, [f])[0]
+        weight = np.array(weights[f], dtype=np.float64)
+        weight[0, 0] = 0.0
         for start in range(0, len(rows), chunk):
             batch = rows[start:start + chunk]
             origins, shifts = forward.box_origins_and_shifts(image_positions[batch, f], s)
@@ -197,10 +198,10 @@ def compute_statistics(
                 np.ascontiguousarray(matrices[batch, f]),
                 np.ascontiguousarray(depth_phase[batch, f]),
                 max_radius2,
-                gamma[f],
+                gamma,
                 freq2,
-                damping[f],
-                weights[f],
+                damping,
+                weight,
                 factor,
                 flip is not None,
                 stats["a_ss"][f], stats["a_sc"][f], stats["a_cc"][f], stats["b_s"][f], stats["b_c"][f], stats["oo"][f],
