@@ -41,6 +41,9 @@ import pandas as pd
 import scipy.fft
 
 from .errors import InputError, Problem
+from .fsc import mask_corrected_fsc, write_fsc_star
+from .io import particles as particle_columns
+from .io import tomograms as tomogram_columns
 from .io.maps import write_map
 from .io.optimisation_set import OptimisationSet, write_optimisation_set
 from .io.star import StarDocument, format_vector, write_text_atomic, write_star
@@ -413,75 +416,6 @@ def soft_sphere_mask(box_size_px: int, radius_px: float, edge_width_px: float = 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fourier shell correlation of the half maps (written as RELION's postprocess.star).
-
-
-def _shell_index(box_size_px: int) -> np.ndarray:
-    k = np.fft.fftfreq(box_size_px) * box_size_px
-    kx = np.fft.rfftfreq(box_size_px) * box_size_px
-    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    return np.round(r).astype(int)
-
-
-def fourier_shell_correlation(map1: np.ndarray, map2: np.ndarray) -> np.ndarray:
-    """FSC per shell ``round(|k|)`` = 0 .. s/2 (voxel units)."""
-    s = map1.shape[0]
-    f1, f2 = np.fft.rfftn(map1), np.fft.rfftn(map2)
-    shells = _shell_index(s).ravel()
-    n = s // 2 + 1
-    keep = shells < n
-    shells = shells[keep]
-    f1, f2 = f1.ravel()[keep], f2.ravel()[keep]
-    cross = np.bincount(shells, (f1 * np.conj(f2)).real, n)
-    p1 = np.bincount(shells, np.abs(f1) ** 2, n)
-    p2 = np.bincount(shells, np.abs(f2) ** 2, n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fsc = cross / np.sqrt(p1 * p2)
-    return np.nan_to_num(fsc, nan=0.0)
-
-
-def _randomise_phases_beyond(volume: np.ndarray, shell: int, rng: np.random.Generator) -> np.ndarray:
-    f = np.fft.rfftn(volume)
-    noise = np.fft.rfftn(rng.normal(size=volume.shape))
-    phase = noise / np.maximum(np.abs(noise), 1e-30)
-    f = np.where(_shell_index(volume.shape[0]) >= shell, f * phase, f)
-    return np.fft.irfftn(f, s=volume.shape)
-
-
-@dataclass(frozen=True)
-class FscTable:
-    """RELION postprocess FSC columns (shells 0 .. s/2)."""
-
-    spectral_index: np.ndarray
-    unmasked: np.ndarray
-    masked: np.ndarray
-    phase_randomised: np.ndarray
-    corrected: np.ndarray
-    randomise_from_shell: int
-
-
-def postprocess_fsc(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> FscTable:
-    """Unmasked, masked and phase-randomisation-corrected FSC, RELION's way: phases are randomised
-    beyond the first shell where the unmasked FSC drops below 0.8."""
-    unmasked = fourier_shell_correlation(half1, half2)
-    masked = fourier_shell_correlation(half1 * mask, half2 * mask)
-    below = np.nonzero(unmasked[1:] < 0.8)[0]
-    start = int(below[0] + 1) if len(below) else len(unmasked)
-    if start < len(unmasked):
-        r1 = _randomise_phases_beyond(half1, start, rng)
-        r2 = _randomise_phases_beyond(half2, start, rng)
-        randomised = fourier_shell_correlation(r1 * mask, r2 * mask)
-    else:
-        randomised = masked.copy()
-    corrected = masked.copy()
-    tail = np.arange(len(masked)) >= start
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corrected[tail] = (masked[tail] - randomised[tail]) / (1.0 - randomised[tail])
-    corrected = np.nan_to_num(corrected, nan=0.0)
-    return FscTable(np.arange(len(masked)), unmasked, masked, randomised, corrected, start)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Acquisition: tilt angles, dose order, geometry, CTF and scale truth, starting values.
 
 
@@ -799,29 +733,30 @@ def render_tilt_series(
 # ----------------------------------------------------------------------------------------------------
 # Files. RELION's column names of the files written here (the io package reads them back).
 
-_TOMOGRAM_GLOBAL_COLUMNS = [
-    "rlnTomoName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnMicrographOriginalPixelSize",
-    "rlnTomoHand", "rlnTomoTiltSeriesPixelSize", "rlnTomoTiltSeriesStarFile", "rlnTomoTiltSeriesName",
-    "rlnTomoFrameCount", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoImportFractionalDose", "rlnOpticsGroupName",
-]
+T, P = tomogram_columns, particle_columns
+_NOMINAL_TILT = "rlnTomoNominalStageTiltAngle"
+_ORIGINAL_PIXEL_SIZE = "rlnMicrographOriginalPixelSize"
+_SUBTOMOS_ARE_STACKS = "rlnTomoSubTomosAre2DStacks"
 
 
 def _tomograms_document(params: SimulationParameters, truths: list[TomogramTruth], tilt_series_dir: str) -> StarDocument:
     size = tomogram_size_px(params)
     hand = params.hand if params.written_hand is None else params.written_hand
-    rows = []
-    for truth in truths:
-        rows.append([
-            truth.name, params.voltage_kv, params.spherical_aberration_mm, params.amplitude_contrast, params.pixel_size_angstrom,
-            float(hand), params.pixel_size_angstrom, f"{tilt_series_dir}/{truth.name}.star", f"tilt_series/{truth.name}.mrc",
-            truth.n_tilts, size[0], size[1], size[2], params.dose_per_tilt_e_per_angstrom2, "optics1",
-        ])
-    table = pd.DataFrame(rows, columns=_TOMOGRAM_GLOBAL_COLUMNS)
+    n = len(truths)
+    table = pd.DataFrame({
+        T.NAME: [t.name for t in truths], T.VOLTAGE: [params.voltage_kv] * n, T.CS: [params.spherical_aberration_mm] * n,
+        T.Q0: [params.amplitude_contrast] * n, _ORIGINAL_PIXEL_SIZE: [params.pixel_size_angstrom] * n,
+        T.HAND: [float(hand)] * n, T.PIXEL_SIZE: [params.pixel_size_angstrom] * n,
+        T.TILT_SERIES_STAR: [f"{tilt_series_dir}/{t.name}.star" for t in truths],
+        T.STACK: [f"tilt_series/{t.name}.mrc" for t in truths], T.FRAME_COUNT: [t.n_tilts for t in truths],
+        T.SIZE[0]: [size[0]] * n, T.SIZE[1]: [size[1]] * n, T.SIZE[2]: [size[2]] * n,
+        T.FRACTIONAL_DOSE: [params.dose_per_tilt_e_per_angstrom2] * n, P.OPTICS_GROUP_NAME: ["optics1"] * n,
+    })
     if params.defocus_slope != 1.0:
-        table["rlnTomoDefocusSlope"] = float(params.defocus_slope)
+        table[T.DEFOCUS_SLOPE] = float(params.defocus_slope)
     if params.bfactor_per_electron_dose_angstrom2 > 0:
-        table["rlnCtfBfactorPerElectronDose"] = float(params.bfactor_per_electron_dose_angstrom2)
-    return StarDocument({"global": table}, version="50001")
+        table[T.DOSE_BFACTOR] = float(params.bfactor_per_electron_dose_angstrom2)
+    return StarDocument({T.GLOBAL_BLOCK: table}, version="50001")
 
 
 def _tilt_series_document(truth: TomogramTruth, true_values: bool, start_scale: float) -> StarDocument:
@@ -831,64 +766,38 @@ def _tilt_series_document(truth: TomogramTruth, true_values: bool, start_scale: 
         u, v, a = truth.start_defocus_u_angstrom, truth.start_defocus_v_angstrom, truth.start_defocus_angle_deg
         scale = np.full(truth.n_tilts, float(start_scale))
     table = pd.DataFrame({
-        "rlnTomoNominalStageTiltAngle": truth.nominal_deg,
-        "rlnMicrographPreExposure": truth.pre_exposure_e_per_angstrom2,
-        "rlnDefocusU": u, "rlnDefocusV": v, "rlnDefocusAngle": a, "rlnCtfScalefactor": scale,
-        "rlnTomoXTilt": truth.x_tilt_deg, "rlnTomoYTilt": truth.y_tilt_deg, "rlnTomoZRot": truth.z_rot_deg,
-        "rlnTomoXShiftAngst": truth.x_shift_angstrom, "rlnTomoYShiftAngst": truth.y_shift_angstrom,
+        _NOMINAL_TILT: truth.nominal_deg, T.PRE_EXPOSURE: truth.pre_exposure_e_per_angstrom2,
+        T.DEFOCUS_U: u, T.DEFOCUS_V: v, T.DEFOCUS_ANGLE: a, T.SCALE: scale,
+        T.ANGLES[0]: truth.x_tilt_deg, T.ANGLES[1]: truth.y_tilt_deg, T.ANGLES[2]: truth.z_rot_deg,
+        T.SHIFTS[0]: truth.x_shift_angstrom, T.SHIFTS[1]: truth.y_shift_angstrom,
     })
     return StarDocument({truth.name: table}, version="50001")
 
 
 def _particles_document(params: SimulationParameters, truths: list[TomogramTruth], with_zernike: bool) -> StarDocument:
     optics = {
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["optics1"], "rlnSphericalAberration": [params.spherical_aberration_mm],
-        "rlnVoltage": [params.voltage_kv], "rlnTomoTiltSeriesPixelSize": [params.pixel_size_angstrom],
-        "rlnAmplitudeContrast": [params.amplitude_contrast],
+        P.OPTICS_GROUP: [1], P.OPTICS_GROUP_NAME: ["optics1"], P.CS: [params.spherical_aberration_mm],
+        P.VOLTAGE: [params.voltage_kv], P.PIXEL_SIZE: [params.pixel_size_angstrom], P.Q0: [params.amplitude_contrast],
     }
     if with_zernike:
-        optics["rlnEvenZernike"] = [format_vector(params.even_zernike)]
-        optics["rlnOddZernike"] = [format_vector(params.odd_zernike)]
+        optics[P.EVEN_ZERNIKE] = [format_vector(params.even_zernike)]
+        optics[P.ODD_ZERNIKE] = [format_vector(params.odd_zernike)]
     tables = []
     for truth in truths:
         n = len(truth.positions_px)
         coordinates, angles = truth.centred_coordinates_angstrom, truth.angles_deg
-        tables.append(pd.DataFrame({
-            "rlnTomoName": [truth.name] * n,
-            "rlnTomoParticleName": [f"{truth.name}/{i + 1}" for i in range(n)],
-            "rlnOpticsGroup": np.ones(n, dtype=int),
-            "rlnCenteredCoordinateXAngst": coordinates[:, 0], "rlnCenteredCoordinateYAngst": coordinates[:, 1],
-            "rlnCenteredCoordinateZAngst": coordinates[:, 2],
-            "rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
-            "rlnOriginXAngst": np.zeros(n), "rlnOriginYAngst": np.zeros(n), "rlnOriginZAngst": np.zeros(n),
-            "rlnRandomSubset": truth.random_subset.astype(int),
-        }))
+        columns = {P.TOMO_NAME: [truth.name] * n, P.PARTICLE_NAME: [f"{truth.name}/{i + 1}" for i in range(n)],
+                   P.OPTICS_GROUP: np.ones(n, dtype=int)}
+        columns.update({P.CENTRED[i]: coordinates[:, i] for i in range(3)})
+        columns.update({P.ANGLES[i]: angles[:, i] for i in range(3)})
+        columns.update({P.ORIGIN[i]: np.zeros(n) for i in range(3)})
+        columns[P.HALF_SET] = truth.random_subset.astype(int)
+        tables.append(pd.DataFrame(columns))
     return StarDocument({
-        "general": {"rlnTomoSubTomosAre2DStacks": 1},
-        "optics": pd.DataFrame(optics),
-        "particles": pd.concat(tables, ignore_index=True),
+        P.GENERAL: {_SUBTOMOS_ARE_STACKS: 1},
+        P.OPTICS: pd.DataFrame(optics),
+        P.PARTICLES: pd.concat(tables, ignore_index=True),
     }, version="50001")
-
-
-def _postprocess_document(table: FscTable, box_size_px: int, pixel_size_angstrom: float) -> StarDocument:
-    index = table.spectral_index
-    with np.errstate(divide="ignore"):
-        angstrom = np.where(index > 0, box_size_px * pixel_size_angstrom / np.maximum(index, 1), 999.0)
-    below = np.nonzero(table.corrected[1:] < 0.143)[0]
-    last_good = int(below[0]) if len(below) else int(index[-1])
-    final = float(angstrom[max(last_good, 1)])
-    general = {
-        "rlnFinalResolution": final, "rlnBfactorUsedForSharpening": 0.0,
-        "rlnUnfilteredMapHalf1": "ref/half1.mrc", "rlnUnfilteredMapHalf2": "ref/half2.mrc", "rlnMaskName": "ref/mask.mrc",
-        "rlnRandomiseFrom": float(angstrom[min(table.randomise_from_shell, len(index) - 1)]),
-    }
-    fsc = pd.DataFrame({
-        "rlnSpectralIndex": index.astype(int), "rlnResolution": 1.0 / angstrom, "rlnAngstromResolution": angstrom,
-        "rlnFourierShellCorrelationCorrected": table.corrected, "rlnFourierShellCorrelationUnmaskedMaps": table.unmasked,
-        "rlnFourierShellCorrelationMaskedMaps": table.masked,
-        "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": table.phase_randomised,
-    })
-    return StarDocument({"general": general, "fsc": fsc}, version="50001")
 
 
 def _new_stack(path: Path, shape: tuple[int, int, int], pixel_size_angstrom: float) -> mrcfile.mrcfile.MrcFile:
@@ -1024,13 +933,12 @@ def simulate_dataset(out_dir: PathLike, params: SimulationParameters | None = No
     half2 = map_true + noise * rng.standard_normal(map_true.shape)
     mask_radius_px = min((params.particle_radius_angstrom + 3 * params.atom_sigma_max_angstrom) / p + 2, params.box_size_px / 2 - 6)
     mask = soft_sphere_mask(params.box_size_px, mask_radius_px)
-    fsc = postprocess_fsc(half1, half2, mask, _rng(params, "fsc"))
+    fsc = mask_corrected_fsc(half1, half2, mask, p, seed=params.seed)
     write_map(out / "ref" / "map_true.mrc", map_true, p)
     write_map(out / "ref" / "half1.mrc", half1, p)
     write_map(out / "ref" / "half2.mrc", half2, p)
     write_map(out / "ref" / "mask.mrc", mask, p)
-    postprocess = _postprocess_document(fsc, params.box_size_px, p)
-    write_star(postprocess, out / "ref" / "postprocess.star")
+    write_fsc_star(fsc, out / "ref" / "postprocess.star", "ref/half1.mrc", "ref/half2.mrc", "ref/mask.mrc")
 
     # STAR files: starting values, then the truth
     for truth in truths:
@@ -1048,8 +956,7 @@ def simulate_dataset(out_dir: PathLike, params: SimulationParameters | None = No
                                                       version="50001", **references), out / "optimisation_set.star")
 
     seconds = time.perf_counter() - started
-    truth_doc = _truth_json(params, truths, noise_sigma, float(mask_radius_px), seconds, variances,
-                            float(postprocess.blocks["general"]["rlnFinalResolution"]))
+    truth_doc = _truth_json(params, truths, noise_sigma, float(mask_radius_px), seconds, variances, fsc.resolution(0.143))
     write_text_atomic(out / TRUTH_JSON, json.dumps(truth_doc, indent=1) + "\n")
     return opt_path
 
