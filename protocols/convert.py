@@ -13,8 +13,9 @@ Conventions (see shared/spec/scipion_plugin.md §c-d):
   by nominal tilt angle).
 * Tilt-image alignment: a Scipion 3x3 matrix ``M`` has ``rlnTomoZRot = atan2(M[0,1], M[0,0])`` and
   ``(rlnTomoXShiftAngst, rlnTomoYShiftAngst) = inv(M)[0:2, 2] * pixel size`` (scipion-em-reliontomo's
-  writer); :func:`alignment_matrix` is its exact inverse. RELION's ``rlnTomoXTilt``, which Scipion
-  cannot express, is kept as the extra tilt-image attribute ``_tomoXTilt`` when present.
+  writer); :func:`alignment_matrix` is its exact inverse. ``rlnTomoYTilt`` is the tilt image's tilt
+  angle. RELION's ``rlnTomoXTilt``, which Scipion cannot express, and the nominal stage tilt are kept
+  as the extra tilt-image attributes ``_tomoXTilt`` and ``_tomoNominalTilt`` when present.
 * Particle orientation: Scipion's ``TR_RELION`` matrix ``M`` is ``inv(T)`` with
   ``T = [A | -origin/pixel]``, ``A = euler_zyz(rot, tilt, psi)`` RELION's rotation (reliontomo's
   ``genTransformMatrix``). :func:`relion_angles_and_origin` inverts it exactly (reliontomo's own
@@ -40,6 +41,7 @@ TILT_ORDER_FILE = "tilt_order.json"
 OPTICS_GROUP_NAME = "optics1"
 #: Extra attributes we add to Scipion objects (names start with ``_`` as Scipion's do).
 ATTR_XTILT = "_tomoXTilt"
+ATTR_NOMINAL_TILT = "_tomoNominalTilt"
 ATTR_CTF_SCALE = "_ctfScale"
 ATTR_DEFOCUS_SIGMA = "_defocusUncertainty"
 ATTR_HALF_SET = "_rlnRandomSubset"
@@ -142,8 +144,9 @@ def tilt_series_table(ts, ctf_by_order: dict) -> tuple[pd.DataFrame, list[int], 
         matrix = transform.getMatrix() if transform is not None else np.eye(3)
         zrot_deg, x_shift, y_shift = alignment_zrot_and_shifts(matrix, pixel_size)
         xtilt = getattr(ti, ATTR_XTILT, None)
+        nominal = getattr(ti, ATTR_NOMINAL_TILT, None)
         row = {
-            "rlnTomoNominalStageTiltAngle": ti.getTiltAngle(),
+            "rlnTomoNominalStageTiltAngle": ti.getTiltAngle() if nominal is None or nominal.get() is None else nominal.get(),
             "rlnTomoNominalTiltAxisAngle": tilt_axis_deg,
             "rlnMicrographPreExposure": ti.getAcquisition().getDoseInitial(),
             "rlnDefocusU": defocus_u,
@@ -339,6 +342,7 @@ class TiltSeriesCtf:
     ctf_scale: np.ndarray
     defocus_sigma_angstrom: np.ndarray | None = None
     x_tilt_deg: np.ndarray | None = None
+    y_tilt_deg: np.ndarray | None = None
     z_rot_deg: np.ndarray | None = None
     shift_angstrom: np.ndarray | None = None
     pre_exposure: np.ndarray | None = None
@@ -380,7 +384,7 @@ def read_tilt_series_ctfs(tomograms_star, tilt_order: dict | None = None) -> dic
             defocus_u_angstrom=_column(table, "rlnDefocusU"), defocus_v_angstrom=_column(table, "rlnDefocusV"),
             defocus_angle_deg=_column(table, "rlnDefocusAngle"), ctf_scale=_column(table, "rlnCtfScalefactor", 1.0),
             defocus_sigma_angstrom=_column(table, "rlnDefocusUncertainty") if "rlnDefocusUncertainty" in table else None,
-            x_tilt_deg=_column(table, "rlnTomoXTilt", 0.0), z_rot_deg=_column(table, "rlnTomoZRot"),
+            x_tilt_deg=_column(table, "rlnTomoXTilt", 0.0), y_tilt_deg=_column(table, "rlnTomoYTilt"), z_rot_deg=_column(table, "rlnTomoZRot"),
             shift_angstrom=shifts, pre_exposure=pre,
         )
     return result

@@ -36,8 +36,9 @@ class ProtTomoImportRelionMetadata(EMProtocol):
     (optionally) turn a RELION-5 particles.star into oriented 3D coordinates on imported tomograms.
 
     Tilts are matched by acquisition order (the rank of rlnMicrographPreExposure); views of the tilt
-    series that RELION does not list are disabled. RELION's rlnTomoXTilt is kept as the tilt-image
-    attribute _tomoXTilt, the half set as the coordinate attribute _rlnRandomSubset.
+    series that RELION does not list are disabled. Tilt angles become RELION's rlnTomoYTilt (the
+    imported angle is kept as _tomoNominalTilt), rlnTomoXTilt is kept as the tilt-image attribute
+    _tomoXTilt, the half set as the coordinate attribute _rlnRandomSubset.
     """
 
     _label = "import RELION tomo metadata"
@@ -91,9 +92,12 @@ class ProtTomoImportRelionMetadata(EMProtocol):
                     ti.setEnabled(False)
                     matrix = np.eye(3)
                     xtilt = 0.0
+                    setattr(ti, convert.ATTR_NOMINAL_TILT, Float(ti.getTiltAngle()))
                 else:
                     matrix = convert.alignment_matrix(result.z_rot_deg[row], *result.shift_angstrom[row], pixel_size)
                     xtilt = float(result.x_tilt_deg[row])
+                    setattr(ti, convert.ATTR_NOMINAL_TILT, Float(ti.getTiltAngle()))
+                    ti.setTiltAngle(float(result.y_tilt_deg[row]))
                 transform = Transform()
                 transform.setMatrix(matrix)
                 ti.setTransform(transform)

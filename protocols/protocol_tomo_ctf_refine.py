@@ -6,6 +6,7 @@ It contains no numerics; the engine (``tomoctfrefine.pipeline``) does those.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from enum import Enum
@@ -30,7 +31,7 @@ class Outputs(Enum):
     CTFs = SetOfCTFTomoSeries
     particles = SetOfSubTomograms
     coordinates = SetOfCoordinates3D
-    optimisationSet = EMFile
+    relionFiles = EMFile
 
 
 class ProtTomoCtfRefine(EMProtocol):
@@ -264,7 +265,7 @@ class ProtTomoCtfRefine(EMProtocol):
         outputs, sources = {}, []
 
         opt_file = EMFile(filename=str(opt_path))
-        outputs[Outputs.optimisationSet.name] = opt_file
+        outputs[Outputs.relionFiles.name] = opt_file
 
         ctf_set = self.inputCtfTomoSeries.get()
         if ctf_set is not None and tomograms_star is not None:
@@ -307,6 +308,9 @@ class ProtTomoCtfRefine(EMProtocol):
     # ------------------------------------------------------------------------------------ info
     def _validate(self):
         errors = []
+        if importlib.util.find_spec("tomoctfrefine.pipeline") is None:
+            errors.append("tomoctfrefine's engine (tomoctfrefine.pipeline) is not installed: "
+                          "reinstall tomoctfrefine (pip install -e .[all]).")
         refine_anything = self.refineDefocus or self.refineContrast or self.refineOddAbe or self.refineEvenAbe
         if not refine_anything:
             errors.append("Nothing to refine: enable defocus, scale or aberrations.")
@@ -373,8 +377,8 @@ class ProtTomoCtfRefine(EMProtocol):
         summary = []
         if self.hasAttribute(Outputs.CTFs.name):
             summary.append(f"Refined CTF of {getattr(self, Outputs.CTFs.name).getSize()} tilt series.")
-        if self.hasAttribute(Outputs.optimisationSet.name):
-            summary.append(f"RELION files: {getattr(self, Outputs.optimisationSet.name).getFileName()}")
+        if self.hasAttribute(Outputs.relionFiles.name):
+            summary.append(f"RELION files: {getattr(self, Outputs.relionFiles.name).getFileName()}")
         if not summary:
             summary.append("Outputs not ready yet.")
         return summary

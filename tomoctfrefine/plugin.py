@@ -52,9 +52,10 @@ class Plugin(pwem.Plugin):
 
     @classmethod
     def validateInstallation(cls):
-        """List why the engine cannot run here (empty when it can)."""
-        try:
-            import tomoctfrefine.pipeline  # noqa: F401
-        except ImportError as error:
-            return [f"tomoctfrefine's engine cannot be imported ({error}): reinstall with pip install -e .[all]"]
+        """Nothing to check: the engine is this package (each protocol validates what it needs)."""
         return []
+
+
+# pyworkflow names a plugin, and finds its folder and templates, through ``Plugin.__module__``
+# (``sys.modules[module].__path__``), which must be the package the entry point names.
+Plugin.__module__ = "tomoctfrefine"
