@@ -210,22 +210,33 @@ def refine_defocus(
     term = TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, common=common)
     result = fit_with_continuation([term], None, wavelength_angstrom, astigmatism_capture_angstrom)
 
-    refined = data.active & (result.scales[0] > 0)
+    return assemble_defocus_fit(
+        term, result, 0, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, input_scale, offsets, scan
+    )
+
+
+def assemble_defocus_fit(term, result, index, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, input_scale,
+                         offsets=None, scan=None) -> DefocusFit:
+    """Build the :class:`DefocusFit` of tomogram ``index`` of a likelihood fit (shared with aberrations)."""
+    data = term.data
+    n = data.n_tilts
+    m = term.tilt_basis.shape[0]
+    refined = data.active & (result.scales[index] > 0) & (not term.fixed)
     change = np.zeros((n, 3))
     change[:, :m] = np.where(refined[:, None], term.x, 0.0)
     covariance = np.full((n, 3, 3), np.inf)
-    covariance[:, :m, :m] = result.tilt_covariance[0]
+    if not term.fixed:
+        covariance[:, :m, :m] = result.tilt_covariance[index]
     covariance[~refined] = np.inf
-    if m == 1:
-        covariance[refined, 1:, :] = 0.0
-        covariance[refined, :, 1:] = 0.0
+    if m < 3:
+        covariance[refined, m:, :] = 0.0
+        covariance[refined, :, m:] = 0.0
     fallback_scale = np.ones(n) if input_scale is None else np.asarray(input_scale, dtype=float)
-    scale = np.where(refined, result.scales[0], fallback_scale)
-    u, v, angle = apply_defocus_change(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, change)
-    keep_input = ~refined
-    u[keep_input] = np.broadcast_to(np.asarray(defocus_u_angstrom, dtype=float), (n,))[keep_input]
-    v[keep_input] = np.broadcast_to(np.asarray(defocus_v_angstrom, dtype=float), (n,))[keep_input]
-    angle[keep_input] = np.broadcast_to(np.asarray(defocus_angle_deg, dtype=float), (n,))[keep_input]
+    has_scale = data.active & (result.scales[index] > 0)
+    scale = np.where(has_scale, result.scales[index], fallback_scale)
+    u_in, v_in, a_in = (np.broadcast_to(np.asarray(a, dtype=float), (n,)).copy() for a in (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg))
+    u, v, angle = apply_defocus_change(u_in, v_in, a_in, change)
+    u[~refined], v[~refined], angle[~refined] = u_in[~refined], v_in[~refined], a_in[~refined]
     common_change = None
     if term.common is not None:
         common_change = np.zeros(3)
@@ -238,11 +249,11 @@ def refine_defocus(
         uncertainty_angstrom=np.where(refined, np.sqrt(np.abs(covariance[:, 0, 0])), np.inf),
         covariance_angstrom2=covariance,
         scale=scale,
-        scale_uncertainty=np.where(refined, np.sqrt(np.abs(result.scale_variance[0])), np.inf),
-        scale_information=np.where(data.active, result.scale_information[0], 0.0),
+        scale_uncertainty=np.where(has_scale, np.sqrt(np.abs(result.scale_variance[index])), np.inf),
+        scale_information=np.where(data.active, result.scale_information[index], 0.0),
         refined=refined,
-        cost=result.costs[0],
-        scan_offsets_angstrom=offsets,
-        scan_cost=scan,
+        cost=result.costs[index],
+        scan_offsets_angstrom=np.zeros(0) if offsets is None else offsets,
+        scan_cost=np.zeros((n, 0)) if scan is None else scan,
         common_change_angstrom=common_change,
     )

@@ -238,6 +238,7 @@ class TomogramTerm:
     fixed_delta: np.ndarray | float = 0.0
     regularisation_metric: np.ndarray | None = None
     common: np.ndarray | None = None
+    fixed: bool = False
 
 
 @dataclass
@@ -354,6 +355,8 @@ def _system(terms, shared, xs, commons, layout):
 
 
 def _frozen(term, ev):
+    if term.fixed:
+        return np.ones(term.data.n_tilts, dtype=bool)
     return ~term.data.active | (ev.scale <= 0)
 
 
@@ -480,6 +483,9 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
         ok = ~fz & (ev.s_p > 0)
         if ok.any():
             variance[ok] = np.linalg.inv(full[ok])[:, m, m]
+        if term.fixed:
+            known = term.data.active & (ev.s_p > 0) & (ev.scale > 0)
+            variance[known] = 1.0 / ev.s_p[known]
         scale_variance.append(variance)
     return FitResult(
         costs=[ev.cost + _penalty(t, x, c) for ev, t, x, c in zip(evs, terms, xs, commons)],
@@ -499,7 +505,7 @@ def _subset_term(term: TomogramTerm, keep: np.ndarray) -> TomogramTerm:
         fixed = np.asarray(fixed)[..., keep]
     return TomogramTerm(
         data=term.data.subset(keep), tilt_basis=term.tilt_basis[:, keep], x=term.x, fixed_delta=fixed,
-        regularisation_metric=term.regularisation_metric, common=term.common,
+        regularisation_metric=term.regularisation_metric, common=term.common, fixed=term.fixed,
     )
 
 
@@ -510,6 +516,24 @@ def _subset_shared(shared: SharedPhase | None, keep: np.ndarray) -> SharedPhase 
     if np.ndim(psi0) and np.shape(psi0)[-1] == keep.size:
         psi0 = np.asarray(psi0)[..., keep]
     return SharedPhase(even_basis=shared.even_basis[:, keep], odd_basis=shared.odd_basis[:, keep], psi0=psi0, alpha=shared.alpha, beta=shared.beta)
+
+
+def _reliable_radius(shared: SharedPhase, covariance: np.ndarray, freq2: np.ndarray, budget_rad: float = 0.5) -> float:
+    """Largest radius up to which three standard errors of the shared phases stay below the budget."""
+    n_even = len(shared.even_basis)
+    variance = np.zeros(freq2.shape)
+    if n_even:
+        cov = covariance[:n_even, :n_even]
+        variance = np.maximum(variance, np.einsum("ik,ij,jk->k", shared.even_basis, cov, shared.even_basis))
+    if len(shared.odd_basis):
+        cov = covariance[n_even:n_even + len(shared.odd_basis), n_even:n_even + len(shared.odd_basis)]
+        variance = np.maximum(variance, np.einsum("ik,ij,jk->k", shared.odd_basis, cov, shared.odd_basis))
+    order = np.argsort(freq2)
+    bad = 3 * np.sqrt(np.abs(variance[order])) > budget_rad
+    if not bad.any():
+        return float(np.sqrt(freq2.max()))
+    first_bad = int(np.argmax(bad))
+    return float(np.sqrt(freq2[order][max(first_bad - 1, 0)]))
 
 
 def fit_with_continuation(
@@ -548,7 +572,9 @@ def fit_with_continuation(
             ok = term.data.active & np.all(np.isfinite(cov.reshape(len(cov), -1)), axis=1)
             if ok.any():
                 sigmas.append(np.sqrt(np.abs(np.einsum("faa->fa", cov[ok])).max(axis=1)))
-        sigma = float(np.median(np.concatenate(sigmas))) if sigmas else np.inf
+        sigma = float(np.median(np.concatenate(sigmas))) if sigmas else 0.0
         k_next = np.sqrt(0.5 / (np.pi * wavelength_angstrom * 3 * sigma)) if np.isfinite(sigma) and sigma > 0 else k_full
+        if shared is not None and len(result.shared_covariance):
+            k_next = min(k_next, _reliable_radius(shared, result.shared_covariance, freq2))
         k = min(k_full, max(1.25 * k, k_next))
     return fit(terms, shared, max_iterations=max_iterations)
