@@ -278,25 +278,63 @@ def shell_average_linear(values_fs: np.ndarray) -> np.ndarray:
     return np.where(weight[:bins] > 0, total[:bins] / np.where(weight[:bins] > 0, weight[:bins], 1), 0.0)
 
 
-def divide_by_weight(volume: np.ndarray, weight_fs: np.ndarray, snr: float | None = None) -> np.ndarray:
-    """CTF correction of a gridding-corrected map: ``F / (W + 1/SNR)`` when ``snr`` is given (Wiener),
-    else RELION's heuristic ``F / max(W, 0.001 <W>_shell)``; shells at radius ``>= s/2`` are zeroed."""
+def divide_by_weight(
+    volume: np.ndarray, weight_fs: np.ndarray, snr: float | None = None, regulariser_fs: np.ndarray | None = None
+) -> np.ndarray:
+    """CTF correction of a gridding-corrected map.
+
+    ``F / (W + 1/SNR)`` when ``snr`` is given (RELION's ``--SNR``); ``F / (W + R)`` with a per-voxel
+    regulariser ``R`` (e.g. :func:`wiener_regulariser`; ``inf`` zeroes a voxel); else RELION's heuristic
+    ``F / max(W, 0.001 <W>_shell)``. Shells at radius ``>= s/2`` are zeroed in every case.
+    """
     s = volume.shape[0]
     transform = np.fft.rfftn(volume, norm="ortho")
     radius = _radius_3d(s)
+    inside = np.floor(radius) + 1 < s // 2 + 1
     if snr is not None and snr > 0:
         divisor = weight_fs + 1.0 / snr
+    elif regulariser_fs is not None:
+        divisor = weight_fs + regulariser_fs
     else:
         average = shell_average_linear(weight_fs)
-        lower = np.floor(radius).astype(np.int64)
-        inside = lower + 1 < len(average)
-        lower_c = np.minimum(lower, len(average) - 2)
+        lower = np.minimum(np.floor(radius).astype(np.int64), len(average) - 2)
         frac = radius - lower
-        shell = (1 - frac) * average[lower_c] + frac * average[lower_c + 1]
+        shell = (1 - frac) * average[lower] + frac * average[lower + 1]
         divisor = np.maximum(weight_fs, HEURISTIC_WEIGHT_FRACTION * shell)
-        transform = np.where(inside, transform, 0.0)
-    transform = np.where(divisor > 0, transform / np.where(divisor > 0, divisor, 1.0), 0.0)
+    usable = inside & (divisor > 0) & np.isfinite(divisor)
+    transform = np.where(usable, transform / np.where(usable, divisor, 1.0), 0.0)
     return np.fft.irfftn(transform, s=volume.shape, norm="ortho")
+
+
+def wiener_regulariser(data_fs: np.ndarray, weight_fs: np.ndarray, well_sampled_fraction: float = 0.1) -> np.ndarray:
+    """Per-voxel Wiener term ``sigma^2 / tau^2`` estimated per shell from the two half sets.
+
+    With ``D_h = W_h V + n_h`` (noise variance ``sigma^2 W_h``), the unregularised half estimates
+    ``V_h = D_h / W_h`` give ``tau^2 = <Re V_1 conj V_2>`` (signal power) and
+    ``sigma^2 = <|V_1 - V_2|^2 / (1/W_1 + 1/W_2)>`` (noise power of one observation), averaged over the
+    shell's voxels whose weights both exceed ``well_sampled_fraction`` of the shell average. Dividing by
+    ``W + sigma^2/tau^2`` is then the Wiener (MAP) estimate; shells without signal (``tau^2 <= 0``) get
+    ``inf`` (zeroed).
+    """
+    s = weight_fs.shape[1]
+    shells = np.rint(_radius_3d(s)).astype(np.int64)
+    count = s // 2 + 1
+    w1, w2 = weight_fs[0], weight_fs[1]
+    mean_weight = np.bincount(shells.ravel(), weights=(w1 + w2).ravel(), minlength=count + s)[:count] / np.maximum(
+        np.bincount(shells.ravel(), minlength=count + s)[:count], 1
+    )
+    threshold = np.concatenate([well_sampled_fraction * 0.5 * mean_weight, np.full(s, np.inf)])[shells]
+    good = (w1 > threshold) & (w2 > threshold)
+    v1 = np.where(good, data_fs[0] / np.where(good, w1, 1.0), 0.0)
+    v2 = np.where(good, data_fs[1] / np.where(good, w2, 1.0), 0.0)
+    cross = np.where(good, np.real(v1 * np.conj(v2)), 0.0)
+    noise = np.where(good, np.abs(v1 - v2) ** 2 / (1.0 / np.where(good, w1, 1.0) + 1.0 / np.where(good, w2, 1.0)), 0.0)
+    n = np.bincount(shells[good], minlength=count + s)[:count]
+    tau2 = np.bincount(shells[good], weights=cross[good], minlength=count + s)[:count] / np.maximum(n, 1)
+    sigma2 = np.bincount(shells[good], weights=noise[good], minlength=count + s)[:count] / np.maximum(n, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where((tau2 > 0) & (n > 0), sigma2 / np.where(tau2 > 0, tau2, 1.0), np.inf)
+    return np.concatenate([ratio, np.full(s, np.inf)])[shells]
 
 
 def taper_sphere(volume: np.ndarray, taper_px: float = TAPER_PX) -> np.ndarray:
@@ -324,20 +362,39 @@ def finalise_map(
     crop_size_px: int | None = None,
     snr: float | None = None,
     taper_px: float = TAPER_PX,
+    regulariser_fs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Gridding correction, CTF correction, crop and taper of one accumulated half (or their sum)."""
-    volume = divide_by_weight(gridding_correct(data_fs), weight_fs, snr)
+    volume = divide_by_weight(gridding_correct(data_fs), weight_fs, snr, regulariser_fs)
     if crop_size_px is not None and 0 < crop_size_px < volume.shape[0]:
         volume = crop_centre(volume, crop_size_px)
     return taper_sphere(volume, taper_px).astype(np.float32)
 
 
-def finalise(accumulators: FourierAccumulators, crop_size_px: int | None = None, snr: float | None = None) -> Reconstruction:
-    """Half maps and the map of both halves together (``(D1 + D2) / (W1 + W2)``, as RELION's merged)."""
+#: Regularisations of the CTF division: RELION's heuristic (its maps, bit for bit up to rounding) or a
+#: Wiener filter with the signal and noise powers estimated from the two half sets.
+REGULARISATIONS = ("relion", "wiener")
+
+
+def finalise(
+    accumulators: FourierAccumulators,
+    crop_size_px: int | None = None,
+    snr: float | None = None,
+    regularisation: str = "relion",
+) -> Reconstruction:
+    """Half maps and the map of both halves together (``(D1 + D2) / (W1 + W2 [+ R])``, as RELION's merged).
+
+    ``regularisation`` is ``"relion"`` (RELION's heuristic; the default, so the maps equal
+    ``relion_tomo_reconstruct_particle``'s) or ``"wiener"`` (:func:`wiener_regulariser`, better maps when
+    the Fourier space is sparsely sampled); a positive ``snr`` overrides both with a constant ``1/SNR``.
+    """
+    if regularisation not in REGULARISATIONS:
+        raise ValueError(f"regularisation must be one of {REGULARISATIONS}, not {regularisation!r}")
     data, weight = accumulators.data_fs, accumulators.weight_fs
-    half1 = finalise_map(data[0], weight[0], crop_size_px, snr)
-    half2 = finalise_map(data[1], weight[1], crop_size_px, snr)
-    merged = finalise_map(data[0] + data[1], weight[0] + weight[1], crop_size_px, snr)
+    regulariser = wiener_regulariser(data, weight) if regularisation == "wiener" and not snr else None
+    half1 = finalise_map(data[0], weight[0], crop_size_px, snr, regulariser_fs=regulariser)
+    half2 = finalise_map(data[1], weight[1], crop_size_px, snr, regulariser_fs=regulariser)
+    merged = finalise_map(data[0] + data[1], weight[0] + weight[1], crop_size_px, snr, regulariser_fs=regulariser)
     return Reconstruction(
         half1, half2, merged, accumulators.pixel_size_angstrom, accumulators.box_size_px,
         (int(accumulators.particle_count[0]), int(accumulators.particle_count[1])),
@@ -350,6 +407,7 @@ def reconstruct(
     crop_size_px: int | None = None,
     snr: float | None = None,
     log=None,
+    regularisation: str = "relion",
 ) -> Reconstruction:
     """Reconstruct the particles of an optimisation set (``relion_tomo_reconstruct_particle --b --crop``).
 
@@ -362,9 +420,11 @@ def reconstruct(
     crop_size_px : int, optional
         Size of the written maps (RELION's ``--crop``); the full box when None.
     snr : float, optional
-        Wiener constant ``1/SNR`` (RELION's ``--SNR``); RELION's heuristic when None.
+        Wiener constant ``1/SNR`` (RELION's ``--SNR``); overrides ``regularisation``.
     log : callable, optional
         Called with one progress line per tomogram.
+    regularisation : {"relion", "wiener"}
+        See :func:`finalise`.
     """
     box = int(box_size_px)
     problems = []
@@ -411,7 +471,7 @@ def reconstruct(
             log(f"{name}: {len(rows)} particles back-projected")
     if accumulators is None:
         raise InputError([Problem(str(opt.resolved("particles_path")), "no particle belongs to a tomogram of the tomogram set", "check rlnTomoName in both files", "rlnTomoName")])
-    return finalise(accumulators, crop_size_px, snr)
+    return finalise(accumulators, crop_size_px, snr, regularisation)
 
 
 def write_reconstruction(reconstruction: Reconstruction, out_dir) -> dict[str, Path]:
