@@ -1,0 +1,46 @@
+"""Handedness check: the likelihood of both defocus hands."""
+import numpy as np
+import pytest
+from synthetic_tilt_statistics import simulate_statistics
+
+from tomoctfrefine.physics.ctf import Optics
+from tomoctfrefine.refine.handedness import check_handedness
+
+OPTICS = Optics(300.0, 2.7, 0.1)
+
+
+def _stats(true_hand, depth_sd, seed=6, n=16):
+    rng = np.random.default_rng(seed)
+    tu = rng.uniform(9000, 12000, n)
+    su = tu + rng.normal(0, 400, n)
+    stats, _ = simulate_statistics(
+        rng, optics=OPTICS, box_size_px=48, pixel_size_angstrom=3.0, particles_per_tilt=20,
+        true_u=tu, true_v=tu, true_angle=np.zeros(n), start_u=su, start_v=su, start_angle=np.zeros(n),
+        scale=np.ones(n), noise_sigma=3.0, depth_sd_angstrom=depth_sd, with_flipped_hand=True, true_hand=true_hand,
+    )
+    return stats, su
+
+
+@pytest.mark.parametrize("true_hand, verdict", [(1.0, "input hand"), (-1.0, "opposite hand")])
+def test_the_hand_of_the_data_is_named(true_hand, verdict):
+    stats, su = _stats(true_hand, depth_sd=600.0)
+    result = check_handedness(stats, OPTICS.wavelength_angstrom, su, su, np.zeros(len(su)))
+    assert result.verdict == verdict
+    assert abs(result.z_score) > 3 and abs(result.log_likelihood_ratio) > 10
+    assert np.sign(result.log_likelihood_ratio) == true_hand
+    if verdict == "opposite hand":
+        assert "the hand was not changed" in result.message
+
+
+def test_particles_at_one_depth_leave_the_hand_undecided():
+    stats, su = _stats(1.0, depth_sd=0.0)
+    result = check_handedness(stats, OPTICS.wavelength_angstrom, su, su, np.zeros(len(su)))
+    assert result.verdict == "undecided"
+    assert result.log_likelihood_ratio == pytest.approx(0.0, abs=1e-6)
+
+
+def test_statistics_without_the_opposite_hand_are_refused():
+    stats, su = _stats(1.0, depth_sd=100.0, n=2)
+    stats.flipped_hand = None
+    with pytest.raises(ValueError, match="without the opposite hand"):
+        check_handedness(stats, OPTICS.wavelength_angstrom, su, su, np.zeros(2))
