@@ -15,7 +15,7 @@ import numpy as np
 from tomoctfrefine.physics.ctf import electron_wavelength_angstrom
 
 #: Sizes with small prime factors only (fast FFTs), even.
-_FFT_FRIENDLY = sorted({2 ** a * 3 ** b * 5 ** c for a in range(1, 13) for b in range(0, 4) for c in range(0, 3)})
+_FFT_FRIENDLY = sorted({2 ** a * 3 ** b * 5 ** c for a in range(1, 13) for b in range(0, 6) for c in range(0, 5)})
 
 
 def fft_friendly_size(minimum_px: int) -> int:

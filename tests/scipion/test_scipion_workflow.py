@@ -150,6 +150,20 @@ def test_validate_catches_bad_combinations(project):
         "tomoctfrefine's engine (tomoctfrefine.pipeline) is not installed: reinstall tomoctfrefine (pip install -e .[all])."])
 
 
+def test_wizards_propose_box_and_range_from_the_inputs(project):
+    from tomoctfrefine.wizards.estimation import defocus_scan_range_angstrom
+    from tomoctfrefine.wizards.wizards import defocus_range_for, estimation_box_for
+
+    protocol = _refine_protocol(project, None)
+    # Mask diameter 57 px = 114 Å, largest input defocus 34079.5 Å at 300 kV, Nyquist 4 Å:
+    # (114 + 2 x 167.7) / 2 = 224.7 -> 225 px -> 240 (2,3,5-smooth, even), below the 256 px images.
+    assert estimation_box_for(protocol) == 240
+    rows = _read(project["relion"] / "tilt_series" / "TS_01.star")["TS_01"]
+    expected = defocus_scan_range_angstrom({"TS_01": 0.5 * (rows["rlnDefocusU"] + rows["rlnDefocusV"]).to_numpy()})
+    assert defocus_range_for(protocol) == expected
+    assert 500 <= expected <= 3000
+
+
 def test_conversion_gives_back_relion_input_values(project, tmp_path):
     """Scipion objects -> RELION files equals RELION's own input files (printed precision)."""
     from tomoctfrefine.protocols import convert
