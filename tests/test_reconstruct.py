@@ -16,7 +16,6 @@ from tomoctfrefine.io.optimisation_set import read_optimisation_set
 from tomoctfrefine.physics.geometry import euler_zyz_matrix
 from tomoctfrefine.reconstruct import (
     FourierAccumulators,
-    extract_boxes,
     finalise,
     reconstruct,
     write_reconstruction,
@@ -89,19 +88,6 @@ def test_written_maps_round_trip(true_ctf_reconstruction, tmp_path):
         assert voxel == 2.0
         np.testing.assert_array_equal(data, getattr(true_ctf_reconstruction, tag))
     assert not [p for p in (tmp_path / "rec").iterdir() if p.name.startswith(".")]
-
-
-def test_extraction_puts_the_particle_centre_at_the_origin():
-    """A Gaussian blob at a sub-pixel position: after extraction its transform is real and positive
-    (centred), whatever the sub-pixel offset."""
-    size = 96
-    y, x = np.mgrid[0:size, 0:size]
-    centre = np.array([40.3, 51.7])
-    image = np.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * 2.0**2))
-    box = extract_boxes(image[None], centre[None], 32)[0]
-    low = box[:6, :6]
-    assert np.abs(low.imag).max() < 1e-3 * np.abs(low.real).max()
-    assert low.real.min() > 0
 
 
 def test_backprojection_of_exact_central_slices_recovers_a_map():

@@ -34,10 +34,10 @@ from .io.particles import (
 from .io.tomograms import load_tilt_images, read_tomogram_set, tomogram, tomogram_names
 from .io.trajectories import read_trajectories
 from .kernels_reconstruct import backproject_slices
-from .physics.ctf import ctf_2d
+from . import forward
 from .physics.dose import dose_weight
-from .physics.geometry import depth_defocus_offset_angstrom, fourier_grid_per_angstrom, project, visible
-from .physics.zernike import even_phase_rad, odd_phase_rad
+from .physics.geometry import fourier_grid_per_angstrom
+from .physics.zernike import odd_phase_rad
 
 #: RELION's default ``--cutoff_fract``: frequencies whose dose weight is below it are not inserted.
 DOSE_CUTOFF_FRACTION = 0.01
@@ -89,45 +89,6 @@ class Reconstruction:
     particle_count: tuple[int, int]
 
 
-def extract_boxes(tilt_images: np.ndarray, image_xy_px: np.ndarray, box_size_px: int) -> np.ndarray:
-    """RELION's observation of one particle in each tilt (spec §6.1), shape ``(n_tilts, s, s//2+1)``.
-
-    Box at integer origin ``round(c) - s/2`` (edge-clamped), minus the mean outside radius ``s/2`` and
-    tapered over its last 5 px, unitary ``rfft2`` with the box centre moved to the origin, then shifted by
-    the sub-pixel remainder so that the particle centre ``c`` sits exactly at the origin.
-
-    Parameters
-    ----------
-    tilt_images : (n_tilts, H, W) array
-    image_xy_px : (n_tilts, 2) array
-        Projected particle position ``c`` per tilt (pixels).
-    box_size_px : int
-        Even box size ``s``.
-    """
-    s = int(box_size_px)
-    n_tilts, height, width = tilt_images.shape
-    centre = np.floor(np.asarray(image_xy_px, dtype=float) + 0.5)
-    remainder = np.asarray(image_xy_px, dtype=float) - centre
-    origin = centre.astype(np.int64) - s // 2
-    offsets = np.arange(s)
-    coordinate = np.arange(s) - s / 2.0
-    radius = np.hypot(coordinate[None, :], coordinate[:, None])
-    outer = radius > s / 2.0
-    edge = s / 2.0
-    taper = np.where(radius < edge - 5.0, 1.0, np.where(radius < edge, 0.5 - 0.5 * np.cos(np.pi * (edge - radius) / 5.0), 0.0))
-    ky = np.fft.fftfreq(s)[:, None] * s
-    kx = np.fft.rfftfreq(s)[None, :] * s
-    out = np.empty((n_tilts, s, s // 2 + 1), np.complex128)
-    for f in range(n_tilts):
-        rows = np.clip(origin[f, 1] + offsets, 0, height - 1)
-        cols = np.clip(origin[f, 0] + offsets, 0, width - 1)
-        box = np.asarray(tilt_images[f][np.ix_(rows, cols)], dtype=np.float64)
-        box = taper * (box - box[outer].mean())
-        transform = np.fft.rfft2(np.fft.ifftshift(box), norm="ortho")
-        out[f] = transform * np.exp(2j * np.pi * (kx * remainder[f, 0] + ky * remainder[f, 1]) / s)
-    return out
-
-
 def backproject_tomogram(
     accumulators: FourierAccumulators,
     tilt_images: np.ndarray,
@@ -139,9 +100,15 @@ def backproject_tomogram(
     odd_zernike: np.ndarray | list | None = None,
     trajectories_angstrom: np.ndarray | None = None,
     dose_cutoff_fraction: float = DOSE_CUTOFF_FRACTION,
-    particle_chunk: int = 64,
+    chunk_bytes: float = 64e6,
 ) -> None:
     """Insert the CTF- and dose-weighted observations of one tomogram's particles into ``accumulators``.
+
+    Observations are the refinement's (:func:`tomoctfrefine.forward.observe`); each is multiplied by
+    ``-CTF * D = sin(gamma) * D * env_B * scale`` (particle defocus from its depth, even aberrations in
+    ``gamma``) and by ``exp(-i chi_odd)``, and weighted by ``(CTF D)^2``. As in RELION, pixels whose dose
+    weight is at or below ``dose_cutoff_fraction`` (or beyond radius ``s/2``) are dropped, and each slice
+    fills the 3D sphere of its row-0 cut-off radius.
 
     Parameters
     ----------
@@ -161,86 +128,59 @@ def backproject_tomogram(
     trajectories_angstrom : (n, n_tilts, 3) array, optional
         Per-tilt shifts in Å added to the positions for extraction (not for the depth defocus).
     dose_cutoff_fraction : float
-        Frequencies with a dose weight at or below this fraction are not inserted (RELION's 0.01).
+        RELION's ``--cutoff_fract`` (0.01).
+    chunk_bytes : float
+        Memory for the slices inserted at once.
     """
     s = accumulators.box_size_px
+    sh = s // 2 + 1
     pixel = float(tomogram.pixel_size_angstrom)
     positions = np.asarray(positions_px, dtype=float).reshape(-1, 3)
     if len(positions) == 0:
         return
-    projections = np.asarray(tomogram.projection_matrices, dtype=float)
-    n_tilts = projections.shape[0]
+    halves = np.asarray(half_sets, dtype=np.int64) - 1
+    image_positions = forward.image_positions_px(tomogram, positions, trajectories_angstrom)
+    seen = forward.visibility(tomogram, image_positions, s)
+    depth = forward.depth_defocus_angstrom(tomogram, positions)
     fx, fy = fourier_grid_per_angstrom(s, pixel)
-    freq = np.hypot(fx, fy)
-    dose = np.stack(
-        [dose_weight(n, freq, float(tomogram.bfactor_per_electron_dose_angstrom2 or 0.0)) for n in tomogram.pre_exposure_e_per_angstrom2]
-    )
+    freq2 = fx**2 + fy**2
+    even = list(even_zernike) if even_zernike is not None else []
+    gamma = forward.tilt_gamma(tomogram, s, even)
+    damping = forward.tilt_damping(tomogram, s)
     # RELION's findDoseXRanges: per row, pixels inside radius s/2 whose dose weight exceeds the cut-off;
     # the 3D sphere a slice fills has the radius of its row-0 range.
-    radius_px = freq * s * pixel
-    kept = (dose > dose_cutoff_fraction) & (radius_px[None] <= s / 2.0)
-    dose = np.where(kept, dose, 0.0)
+    per_dose = float(getattr(tomogram, "bfactor_per_electron_dose_angstrom2", 0.0) or 0.0)
+    dose = np.stack([dose_weight(n, np.sqrt(freq2), per_dose) for n in tomogram.pre_exposure_e_per_angstrom2])
+    kept = (dose > dose_cutoff_fraction) & (np.sqrt(freq2) * s * pixel <= s / 2.0)[None]
     max_radius = kept[:, 0, :].sum(axis=1).astype(np.float64)
-    even_phase = even_phase_rad(list(even_zernike), fx, fy) if even_zernike is not None and len(even_zernike) else 0.0
-    odd_factor = (
-        np.exp(-1j * odd_phase_rad(list(odd_zernike), fx, fy)) if odd_zernike is not None and len(odd_zernike) else None
-    )
-    depth_offset = depth_defocus_offset_angstrom(
-        projections, positions, tomogram.size_px, float(tomogram.hand), pixel, float(tomogram.defocus_slope)
-    )
-    shifted = positions[:, None, :] + (0.0 if trajectories_angstrom is None else np.asarray(trajectories_angstrom) / pixel)
-    image_xyz = np.einsum("fij,pfj->pfi", projections[:, :3, :3], shifted) + projections[None, :, :3, 3]
-    is_visible = visible(image_xyz[..., :2], s, tuple(tomogram.image_size_px))
-    linear = projections[:, :3, :3]
-    defocus_u = np.asarray(tomogram.defocus_u_angstrom, dtype=float)
-    defocus_v = np.asarray(tomogram.defocus_v_angstrom, dtype=float)
-    angle = np.asarray(tomogram.defocus_angle_deg, dtype=float)
-    scale = np.asarray(tomogram.ctf_scale, dtype=float)
-    bfactor = np.asarray(getattr(tomogram, "ctf_bfactor_angstrom2", np.zeros(n_tilts)), dtype=float)
-    phase_shift = np.asarray(getattr(tomogram, "phase_shift_deg", np.zeros(n_tilts)), dtype=float)
-    sh = s // 2 + 1
-    for start in range(0, len(positions), particle_chunk):
-        stop = min(start + particle_chunk, len(positions))
-        slices, weights, matrices, halves, radii = [], [], [], [], []
-        for i in range(start, stop):
-            tilts = np.flatnonzero(is_visible[i])
-            if tilts.size == 0:
-                continue
-            observed = extract_boxes(tilt_images[tilts], image_xyz[i, tilts, :2], s)
-            for k, f in enumerate(tilts):
-                ctf = ctf_2d(
-                    defocus_u[f] + depth_offset[i, f],
-                    defocus_v[f] + depth_offset[i, f],
-                    angle[f],
-                    tomogram.optics,
-                    fx,
-                    fy,
-                    phase_shift_deg=phase_shift[f],
-                    bfactor_angstrom2=bfactor[f],
-                    scale=scale[f],
-                    even_phase_rad=even_phase,
-                )
-                modulation = -ctf * dose[f]
-                value = observed[k] * modulation
-                if odd_factor is not None:
-                    value = value * odd_factor
-                slices.append(value)
-                weights.append(modulation * modulation)
-                matrices.append(np.linalg.inv(linear[f] @ rotations[i]).T)
-                halves.append(int(half_sets[i]) - 1)
-                radii.append(max_radius[f])
-            accumulators.particle_count[int(half_sets[i]) - 1] += 1
-        if not slices:
-            continue
-        backproject_slices(
-            np.ascontiguousarray(np.stack(slices), dtype=np.complex128).reshape(-1, s, sh),
-            np.ascontiguousarray(np.stack(weights), dtype=np.float64).reshape(-1, s, sh),
-            np.ascontiguousarray(np.stack(matrices), dtype=np.float64),
-            np.asarray(halves, dtype=np.int64),
-            np.asarray(radii, dtype=np.float64),
-            accumulators.data_fs,
-            accumulators.weight_fs,
-        )
+    scale = np.broadcast_to(np.asarray(getattr(tomogram, "ctf_scale", 1.0), dtype=float), (len(gamma),))
+    odd_factor = np.exp(-1j * odd_phase_rad(list(odd_zernike), fx, fy)) if odd_zernike is not None and len(odd_zernike) else None
+    matrices = forward.particle_matrices(tomogram, rotations)
+    inverse_transposed = np.swapaxes(np.linalg.inv(matrices), -1, -2)
+    depth_phase = np.pi * tomogram.optics.wavelength_angstrom * freq2
+    chunk = max(1, int(chunk_bytes // (s * sh * 16)))
+    for f in range(len(gamma)):
+        envelope = np.where(kept[f], damping[f] * scale[f], 0.0)
+        rows = np.flatnonzero(seen[:, f])
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            spectra = forward.observe(tilt_images[f], image_positions[part, f], s)
+            modulation = np.sin(gamma[f][None] - depth[part, f][:, None, None] * depth_phase[None]) * envelope[None]
+            slices = spectra * modulation
+            if odd_factor is not None:
+                slices *= odd_factor[None]
+            backproject_slices(
+                np.ascontiguousarray(slices, dtype=np.complex128),
+                np.ascontiguousarray(modulation * modulation, dtype=np.float64),
+                np.ascontiguousarray(inverse_transposed[part, f], dtype=np.float64),
+                np.ascontiguousarray(halves[part]),
+                np.full(len(part), max_radius[f]),
+                accumulators.data_fs,
+                accumulators.weight_fs,
+            )
+    inserted = seen.any(axis=1)
+    for half in (0, 1):
+        accumulators.particle_count[half] += int(np.count_nonzero(inserted & (halves == half)))
 
 
 def _radius_3d(s: int) -> np.ndarray:
