@@ -107,3 +107,6 @@ def test_postprocess_star_round_trips_through_the_fsc_reader(truth, tmp_path):
     ]
     assert float(doc.blocks["general"]["rlnFinalResolution"]) == pytest.approx(result.resolution(), abs=1e-5)
     assert doc.blocks["fsc"]["rlnAngstromResolution"].iloc[2] == pytest.approx(64.0)
+    in_memory = result.as_curve()  # what the refinement uses when it gets no --fsc
+    np.testing.assert_allclose(in_memory.fsc, curve.fsc, atol=1e-9)
+    np.testing.assert_array_equal(in_memory.spectral_index, curve.spectral_index)

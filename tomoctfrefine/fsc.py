@@ -135,6 +135,12 @@ class FscResult:
     def randomise_from_angstrom(self) -> float:
         return float(self.box_size_px * self.pixel_size_angstrom / max(self.randomise_from_shell, 1))
 
+    def as_curve(self):
+        """The corrected curve as :class:`tomoctfrefine.io.fsc.FscCurve` (what ``--fsc`` provides)."""
+        from .io.fsc import FscCurve
+
+        return FscCurve(self.spectral_index.copy(), self.resolution_angstrom.copy(), self.corrected.copy())
+
 
 def mask_corrected_fsc(
     half1: np.ndarray,
