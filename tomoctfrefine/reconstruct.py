@@ -388,6 +388,11 @@ def reconstruct(
         tomo = tomogram(tset, name)
         if accumulators is None:
             accumulators = FourierAccumulators.empty(box, tomo.pixel_size_angstrom)
+        elif abs(tomo.pixel_size_angstrom - accumulators.pixel_size_angstrom) > 1e-6 * accumulators.pixel_size_angstrom:
+            raise InputError([Problem(
+                str(opt.resolved("tomograms_path")),
+                f"tomogram {name} has pixel size {tomo.pixel_size_angstrom} Å, others {accumulators.pixel_size_angstrom} Å",
+                "reconstruct tomograms of one pixel size together", "rlnTomoTiltSeriesPixelSize")])
         images = load_tilt_images(tomo)
         groups = optics_group_numbers(pset, rows)
         for group in np.unique(groups):
