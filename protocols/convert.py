@@ -446,3 +446,50 @@ def refined_ctf_set(out_path, input_ctf_set, refined: dict[str, TiltSeriesCtf], 
             new_series.append(new_ctf)
         out.update(new_series)
     return out, updated
+
+
+# ------------------------------------------------- RELION folder -> files Scipion's importers read
+def stage_for_scipion_import(relion_dir, out_dir, tomogram_binning: int = 4) -> dict:
+    """Files scipion-em-tomo's importers read, made from a RELION-5 dataset whose stacks are
+    ``rlnTomoTiltSeriesName`` files (such as ``tomoctfrefine simulate`` writes):
+
+    * ``out_dir/ts/<tsId>.mrcs`` (a symlink to the stack) and ``<tsId>.tlt`` with the nominal angle,
+      the accumulated dose and the acquisition order of each frame (``ProtImportTs``, angles from tlt);
+    * ``out_dir/tomo/<tsId>.mrc``: an empty tomogram binned by ``tomogram_binning`` with the size of
+      ``rlnTomoSizeX/Y/Z`` (``ProtImportTomograms``; coordinates need a tomogram to refer to).
+
+    Returns ``{"ts": folder, "tomo": folder, "tomogram_pixel_angstrom": float, "dose_per_tilt": float}``.
+    """
+    import mrcfile
+
+    relion_dir, out_dir = Path(relion_dir), Path(out_dir)
+    (out_dir / "ts").mkdir(parents=True, exist_ok=True)
+    (out_dir / "tomo").mkdir(parents=True, exist_ok=True)
+    tomograms_star = relion_dir / "tomograms.star"
+    global_table = read_star(tomograms_star).blocks["global"]
+    info = {"ts": out_dir / "ts", "tomo": out_dir / "tomo"}
+    for _, row in global_table.iterrows():
+        ts_id = str(row["rlnTomoName"])
+        table = read_star(resolve_path(row["rlnTomoTiltSeriesStarFile"], [relion_dir])).blocks[ts_id]
+        stack = resolve_path(row["rlnTomoTiltSeriesName"], [relion_dir]).resolve()
+        link = out_dir / "ts" / f"{ts_id}.mrcs"
+        if not link.exists():
+            link.symlink_to(stack)
+        pre = table["rlnMicrographPreExposure"].to_numpy(dtype=float)
+        dose = float(row.get("rlnTomoImportFractionalDose", np.nan))
+        if not np.isfinite(dose):
+            steps = np.diff(np.sort(pre))
+            dose = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 0.0
+        nominal = table["rlnTomoNominalStageTiltAngle"] if "rlnTomoNominalStageTiltAngle" in table else table["rlnTomoYTilt"]
+        lines = [f"{angle:.3f} {p + dose:.3f} {order}" for angle, p, order in
+                 zip(nominal, pre, acquisition_order_by_dose(pre))]
+        (out_dir / "ts" / f"{ts_id}.tlt").write_text("\n".join(lines) + "\n")
+        pixel = float(row["rlnTomoTiltSeriesPixelSize"])
+        shape = [int(round(float(row[f"rlnTomoSize{axis}"]) / tomogram_binning)) for axis in "ZYX"]
+        with mrcfile.new(out_dir / "tomo" / f"{ts_id}.mrc", overwrite=True) as tomogram:
+            tomogram.set_data(np.zeros(shape, dtype=np.float32))
+            tomogram.voxel_size = pixel * tomogram_binning
+        info["tomogram_pixel_angstrom"] = pixel * tomogram_binning
+        info["dose_per_tilt"] = dose
+        info["pixel_angstrom"] = pixel
+    return info

@@ -47,24 +47,20 @@ def _launch(project, protocol):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A copy of the fixture plus the files Scipion's importers want (stack .mrcs, .tlt, tomogram)."""
+    from tomoctfrefine.protocols.convert import stage_for_scipion_import
+
     root = tmp_path_factory.mktemp("relion5_small")
     shutil.copytree(FIXTURE, root / "relion", dirs_exist_ok=True)
     for path in (root / "relion").rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
-    tilts = _read(root / "relion" / "tilt_series" / "TS_01.star")["TS_01"]
-    (root / "ts").mkdir()
-    shutil.copy(root / "relion" / "tilt_series" / "TS_01.mrc", root / "ts" / "TS_01.mrcs")
-    order = np.argsort(np.argsort(tilts["rlnMicrographPreExposure"].to_numpy(), kind="stable"), kind="stable") + 1
-    dose = float(_read(root / "relion" / "tomograms.star")["global"]["rlnTomoImportFractionalDose"].iloc[0])
-    with open(root / "ts" / "TS_01.tlt", "w") as handle:
-        for angle, pre, acq in zip(tilts["rlnTomoNominalStageTiltAngle"], tilts["rlnMicrographPreExposure"], order):
-            handle.write(f"{angle:.2f} {pre + dose:.2f} {acq}\n")
-    (root / "tomo").mkdir()
-    global_row = _read(root / "relion" / "tomograms.star")["global"].iloc[0]
-    shape = [int(global_row[f"rlnTomoSize{a}"]) // TOMOGRAM_BINNING for a in "ZYX"]
-    with mrcfile.new(root / "tomo" / "TS_01.mrc") as tomogram:
-        tomogram.set_data(np.zeros(shape, dtype=np.float32))
-        tomogram.voxel_size = 2.0 * TOMOGRAM_BINNING
+    staged = stage_for_scipion_import(root / "relion", root, tomogram_binning=TOMOGRAM_BINNING)
+    assert staged["tomogram_pixel_angstrom"] == 8.0 and staged["dose_per_tilt"] == 3.0
+    tlt = np.loadtxt(root / "ts" / "TS_01.tlt")
+    # nominal angle, accumulated dose (pre-exposure + 3), acquisition order (dose rank), per frame
+    np.testing.assert_allclose(tlt[:, 0], np.arange(-36, 37, 6))
+    np.testing.assert_allclose(tlt[:, 1], [39, 36, 27, 24, 15, 12, 3, 6, 9, 18, 21, 30, 33])
+    np.testing.assert_array_equal(tlt[:, 2], [13, 12, 9, 8, 5, 4, 1, 2, 3, 6, 7, 10, 11])
+    assert mrcfile.open(root / "tomo" / "TS_01.mrc").data.shape == (25, 64, 64)
     return root
 
 
