@@ -21,7 +21,7 @@ from tomoctfrefine.reconstruct import (
     wiener_regulariser,
     write_reconstruction,
 )
-from tomoctfrefine.kernels_reconstruct import backproject_slices
+from tomoctfrefine.kernels import backproject_slices
 
 FIXTURE = Path("/work/shared/fixtures/relion5_small")
 

@@ -33,7 +33,7 @@ from .io.particles import (
 )
 from .io.tomograms import load_tilt_images, read_tomogram_set, tomogram, tomogram_names
 from .io.trajectories import read_trajectories
-from .kernels_reconstruct import backproject_slices
+from .kernels import backproject_slices
 from . import forward
 from .physics.dose import dose_weight
 from .physics.geometry import fourier_grid_per_angstrom
