@@ -119,11 +119,11 @@ def read_particle_set(path: PathLike) -> ParticleSet:
 
 
 def write_particle_set(pset: ParticleSet, path: PathLike) -> Path:
-    """Write a particle set in its own format (v5: general, optics, particles; v4: optics, particles),
-    every column kept, atomically."""
+    """Write a particle set as it was read (v5: general if it had one, optics, particles; v4: optics,
+    particles), every column and table kept, atomically."""
     blocks: dict = {}
-    if pset.format_version >= 5 or pset.general is not None:
-        blocks[GENERAL] = pset.general if pset.general is not None else {"rlnTomoSubTomosAre2DStacks": 1}
+    if pset.general is not None:
+        blocks[GENERAL] = pset.general
     blocks[OPTICS] = pset.optics
     blocks[PARTICLES] = pset.particles
     blocks.update(pset.extra_blocks)

@@ -9,7 +9,7 @@
   the projection matrices ``rlnTomoProjX/Y/Z/W`` written as ``[a,b,c,d]``.
 
 A set read as v4 is written as v4, v5 as v5; every column and table the module does not know is
-carried through untouched. Relative paths are resolved as :mod:`.paths` documents (working directory
+carried through untouched (unlike RELION 5, which drops ``rlnTomoProjX..W`` when writing v5). Relative paths are resolved as :mod:`.paths` documents (working directory
 first, RELION's rule; then the folder of the STAR file naming them and its parents).
 """
 from __future__ import annotations
@@ -270,10 +270,10 @@ def image_size_px(tset: TomogramSet, name: str) -> tuple[int, int]:
 
 
 def projection_matrices(tset: TomogramSet, name: str, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """The ``(n_tilts, 4, 4)`` projection matrices of a tomogram: ``rlnTomoProjX..W`` verbatim when the
-    table has them (v4), else RELION 5's matrices from angles, shifts and sizes."""
+    """The ``(n_tilts, 4, 4)`` projection matrices of a tomogram: RELION 5's matrices from angles, shifts
+    and sizes when the table has them, else ``rlnTomoProjX..W`` verbatim (v4), as RELION 5 reads them."""
     table = tset.tilt_tables[name]
-    if set(PROJECTION) <= set(table.columns):
+    if not set(ANGLES[1:] + SHIFTS) <= set(table.columns) and set(PROJECTION) <= set(table.columns):
         return np.stack([np.array([parse_vector(table[c].iloc[f]) for c in PROJECTION]) for f in range(len(table))]) if len(table) else np.zeros((0, 4, 4))
     row = _row(tset, name)
     size = tuple(int(row[c]) for c in SIZE)
