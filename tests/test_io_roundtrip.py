@@ -358,3 +358,15 @@ def test_fsc_round_trip(tmp_path):
     np.testing.assert_allclose(again.fsc, curve.fsc, rtol=1e-12)
     assert again.resolution_angstrom[0] == np.inf
     np.testing.assert_allclose(again.resolution_angstrom[1:], resolution[1:], rtol=1e-11)
+
+
+def test_angles_win_over_projection_columns_and_mrc_suffix_is_ignored(tset):
+    table = tset.tilt_tables["TS_01"].copy()
+    for column in T.PROJECTION:
+        table[column] = "[1,0,0,0]"
+    global_table = tset.global_table.copy()
+    global_table["rlnTomoTiltSeriesName"] = ["tilt_series/TS_01.mrc:mrc"]
+    both = T.TomogramSet(global_table, {"TS_01": table}, 5, tset.path, tset.version, tset.tilt_paths)
+    tomo = T.tomogram(both, "TS_01")
+    assert tomo.stack_path == FIXTURE / "tilt_series" / "TS_01.mrc"
+    np.testing.assert_array_equal(tomo.projection_matrices, T.tomogram(tset, "TS_01").projection_matrices)
