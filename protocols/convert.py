@@ -458,7 +458,8 @@ def stage_for_scipion_import(relion_dir, out_dir, tomogram_binning: int = 4) -> 
     * ``out_dir/tomo/<tsId>.mrc``: an empty tomogram binned by ``tomogram_binning`` with the size of
       ``rlnTomoSizeX/Y/Z`` (``ProtImportTomograms``; coordinates need a tomogram to refer to).
 
-    Returns ``{"ts": folder, "tomo": folder, "tomogram_pixel_angstrom": float, "dose_per_tilt": float}``.
+    Returns ``{"ts": folder, "tomo": folder, "pixel_angstrom", "tomogram_pixel_angstrom", "dose_per_tilt",
+    "tilt_axis_deg"}`` (the last three of the last tomogram: the values ``ProtImportTs`` asks for).
     """
     import mrcfile
 
@@ -492,4 +493,5 @@ def stage_for_scipion_import(relion_dir, out_dir, tomogram_binning: int = 4) -> 
         info["tomogram_pixel_angstrom"] = pixel * tomogram_binning
         info["dose_per_tilt"] = dose
         info["pixel_angstrom"] = pixel
+        info["tilt_axis_deg"] = float(np.median(table["rlnTomoZRot"])) if "rlnTomoZRot" in table else 0.0
     return info
