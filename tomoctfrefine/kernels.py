@@ -53,7 +53,7 @@ def _sample_half_complex(ref, ux, uy, uz, max_radius2):
 
 @njit(cache=True, parallel=True)
 def central_slices(references, half_index, matrices, max_radius2, out):
-    """Central slices ``F_h(M^T k)`` of many (particle, tilt) pairs.
+    """Central slices ``F_h(M^T k)`` of many (particle, tilt) pairs (0 beyond ``sqrt(max_radius2)``).
 
     Parameters
     ----------
@@ -72,6 +72,9 @@ def central_slices(references, half_index, matrices, max_radius2, out):
         for y in range(s):
             ky = y if y < s // 2 else y - s
             for x in range(sh):
+                if x * x + ky * ky > max_radius2:
+                    out[p, y, x] = 0j
+                    continue
                 ux = mat[0, 0] * x + mat[1, 0] * ky
                 uy = mat[0, 1] * x + mat[1, 1] * ky
                 uz = mat[0, 2] * x + mat[1, 2] * ky
@@ -155,13 +158,10 @@ def shift_observations(observations, shifts, out):
 def accumulate_tilt_statistics(
     observations,
     shifts,
-    references,
-    half_index,
-    matrices,
+    slices,
     depth_phase,
-    max_radius2,
-    gamma,
-    freq2,
+    gamma_phasor,
+    freq_unit2,
     dose,
     weight,
     prediction_factor,
@@ -172,45 +172,55 @@ def accumulate_tilt_statistics(
     """Add the sufficient statistics of a batch of particles in one tilt (see ``statistics.py``).
 
     For every pixel with ``weight > 0`` and particle ``i``:
-    ``q = prediction_factor * dose * F_h(M_i^T k)`` (``prediction_factor = -sqrt(s)``: unitary 2D FT of
-    the projection, with the contrast inversion of raw images), ``o`` = observation shifted by the
-    sub-pixel offset, ``gamma_i = gamma - depth_phase_i * freq2`` (the particle's depth defocus);
-    the flipped-hand statistics use ``gamma + depth_phase_i * freq2``.
+    ``q = prediction_factor * dose * slice_i`` (``slice_i = F_h(M_i^T k)`` from :func:`central_slices`;
+    ``prediction_factor = -sqrt(s)``: unitary 2D FT of the projection, with the contrast inversion of
+    raw images), ``o`` = observation shifted by the
+    sub-pixel offset, ``gamma_i = gamma - depth_phase_i |k|^2`` (the particle's depth defocus);
+    the flipped-hand statistics use ``gamma + depth_phase_i |k|^2``.
 
+    The slices are computed beforehand (parallel over particles: each sweeps its plane through the
+    reference, which keeps the reference's cache lines hot; sampling inside this row-parallel loop
+    was 2.5x slower from cache misses). Both per-particle phases are separable in x and ky (``|k|^2 = (x^2 + ky^2) freq_unit2``), so the hot
+    loop has no trigonometry: per-particle column tables times one row factor.
     Parallel over image rows: each pixel's accumulators belong to one thread, so there are no
     per-thread copies and the sums do not depend on the thread count.
 
     observations : complex64 (m, s, sh) box FTs (centred, not shifted) ; shifts : float64 (m, 2)
-    references : complex64 (2, n, n, n//2+1) ; half_index : int64 (m,) ; matrices : float64 (m, 3, 3)
-    depth_phase : float64 (m,) ``pi lambda dz_i`` (rad Å²) ; gamma, freq2, dose, weight : float64 (s, sh)
+    slices : complex64 (m, s, sh) central slices of the particles' half maps
+    depth_phase : float64 (m,) ``pi lambda dz_i`` (rad Å²) ; gamma_phasor : complex128 (s, sh)
+    ``exp(i gamma)`` of the tilt ; freq_unit2 : ``1/(s p)^2`` (Å⁻²) ; dose, weight : float64 (s, sh)
     a_* , oo : float64 (s, sh) ; b_* : complex128 (s, sh) (accumulated into) ; f_* / fb_* flipped.
     """
     m = observations.shape[0]
     s = observations.shape[1]
     sh = observations.shape[2]
+    shift_columns = np.empty((m, sh), dtype=np.complex128)
+    depth_columns = np.empty((m, sh), dtype=np.complex128)
+    for p in range(m):
+        for x in range(sh):
+            phase = 2.0 * np.pi * x * shifts[p, 0] / s
+            shift_columns[p, x] = complex(np.cos(phase), np.sin(phase))
+            phase = -depth_phase[p] * x * x * freq_unit2
+            depth_columns[p, x] = complex(np.cos(phase), np.sin(phase))
     for y in prange(s):
         ky = y if y < s // 2 else y - s
         for p in range(m):
-            ref = references[half_index[p]]
-            mat = matrices[p]
-            tx = shifts[p, 0]
-            ty = shifts[p, 1]
-            dphase = depth_phase[p]
+            phase = 2.0 * np.pi * ky * shifts[p, 1] / s
+            shift_row = complex(np.cos(phase), np.sin(phase))
+            phase = -depth_phase[p] * ky * ky * freq_unit2
+            depth_row = complex(np.cos(phase), np.sin(phase))
             for x in range(sh):
                 w = weight[y, x]
                 if w == 0.0:
                     continue
-                ux = mat[0, 0] * x + mat[1, 0] * ky
-                uy = mat[0, 1] * x + mat[1, 1] * ky
-                uz = mat[0, 2] * x + mat[1, 2] * ky
-                q = prediction_factor * dose[y, x] * _sample_half_complex(ref, ux, uy, uz, max_radius2)
-                phase = 2.0 * np.pi * (x * tx + ky * ty) / s
-                o = complex(observations[p, y, x]) * complex(np.cos(phase), np.sin(phase))
+                q = prediction_factor * dose[y, x] * complex(slices[p, y, x])
+                o = complex(observations[p, y, x]) * shift_columns[p, x] * shift_row
                 n = q.real * q.real + q.imag * q.imag
                 z = o * q.conjugate()
-                g = gamma[y, x] - dphase * freq2[y, x]
-                sg = np.sin(g)
-                cg = np.cos(g)
+                depth = depth_columns[p, x] * depth_row
+                e = gamma_phasor[y, x] * depth
+                sg = e.imag
+                cg = e.real
                 wn = w * n
                 a_ss[y, x] += wn * sg * sg
                 a_sc[y, x] += wn * sg * cg
@@ -219,9 +229,9 @@ def accumulate_tilt_statistics(
                 b_c[y, x] += w * cg * z
                 oo[y, x] += w * (o.real * o.real + o.imag * o.imag)
                 if with_flipped:
-                    g = gamma[y, x] + dphase * freq2[y, x]
-                    sg = np.sin(g)
-                    cg = np.cos(g)
+                    e = gamma_phasor[y, x] * depth.conjugate()
+                    sg = e.imag
+                    cg = e.real
                     f_ss[y, x] += wn * sg * sg
                     f_sc[y, x] += wn * sg * cg
                     f_cc[y, x] += wn * cg * cg

@@ -142,11 +142,23 @@ def compute_statistics(
     chunk_megabytes : float
         Memory for the boxes of one chunk of particles.
 
+    Notes
+    -----
+    Threads: ``numba.set_num_threads(n)`` sets both the kernels' and the FFTs' thread count. The sums
+    do not depend on it (the accumulation is parallel over image rows). Memory: the statistics
+    (64 bytes per pixel and tilt, +40 with the flipped hand), one chunk of boxes, and the references
+    (crop them with :meth:`PreparedReferences.cropped` to the weights' support).
+
     Returns
     -------
     TiltStatistics
     """
+    import numba
+
     from . import forward, kernels
+    from .reference import radius_px
+
+    workers = numba.get_num_threads()  # one thread setting for the kernels and the FFTs
 
     s = references.box_size_px
     sh = s // 2 + 1
@@ -161,8 +173,8 @@ def compute_statistics(
         raise ValueError("half sets must be 1 or 2")
     k1 = np.pi * tomogram.optics.wavelength_angstrom
     depth_phase = k1 * forward.depth_defocus_angstrom(tomogram, positions_px)
-    fx, fy = forward.fourier_grid_per_angstrom(s, tomogram.pixel_size_angstrom)
-    freq2 = fx**2 + fy**2
+    freq_unit2 = 1.0 / (s * tomogram.pixel_size_angstrom) ** 2
+    radius2 = radius_px(s) ** 2
     max_radius2 = float(references.max_radius_px) ** 2
     factor = -np.sqrt(s)
 
@@ -170,7 +182,7 @@ def compute_statistics(
     flipped = _empty_like_statistics(n_tilts, s) if with_flipped_hand else None
     dummy_real = np.zeros((1, 1))
     dummy_complex = np.zeros((1, 1), dtype=np.complex128)
-    chunk = max(1, int(chunk_megabytes * 2**20 / (s * s * 4 + s * sh * 8)))
+    chunk = max(1, int(chunk_megabytes * 2**20 / (s * s * 4 + 2 * s * sh * 8)))
     counts = np.zeros(n_tilts, dtype=np.int64)
     for f in range(n_tilts) if tilts is None else tilts:
         rows = np.nonzero(seen[:, f])[0]
@@ -182,24 +194,25 @@ def compute_statistics(
         damping = forward.tilt_damping(tomogram, s, [f])[0]
         weight = np.array(weights[f], dtype=np.float64)
         weight[0, 0] = 0.0
+        support2 = float(radius2[weight != 0].max()) if np.any(weight != 0) else 0.0
         for start in range(0, len(rows), chunk):
             batch = rows[start:start + chunk]
             origins, shifts = forward.box_origins_and_shifts(image_positions[batch, f], s)
             boxes = np.empty((len(batch), s, s), dtype=np.float32)
             kernels.extract_boxes(image, origins, boxes)
-            spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=-1).astype(np.complex64, copy=False)
+            spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
             del boxes
             flip = flipped if flipped is not None else None
+            slices = np.empty_like(spectra)
+            kernels.central_slices(references.half_maps_ft, halves[batch], np.ascontiguousarray(matrices[batch, f]),
+                                   min(max_radius2, support2), slices)
             kernels.accumulate_tilt_statistics(
                 spectra,
                 np.ascontiguousarray(shifts, dtype=np.float64),
-                references.half_maps_ft,
-                halves[batch],
-                np.ascontiguousarray(matrices[batch, f]),
+                slices,
                 np.ascontiguousarray(depth_phase[batch, f]),
-                max_radius2,
-                gamma,
-                freq2,
+                np.exp(1j * gamma),
+                freq_unit2,
                 damping,
                 weight,
                 factor,
