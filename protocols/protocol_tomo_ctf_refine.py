@@ -354,18 +354,21 @@ class ProtTomoCtfRefine(EMProtocol):
         path = self.optimisationSet.get()
         if not path or not os.path.exists(path):
             return [f"Optimisation set {path!r} not found: give an existing optimisation_set.star."]
-        try:
-            from tomoctfrefine.io.optimisation_set import read_optimisation_set
-            from tomoctfrefine.validate import validate_inputs
-        except ImportError:
-            return []
         from tomoctfrefine.errors import InputError
+        from tomoctfrefine.io.optimisation_set import read_optimisation_set
+        from tomoctfrefine.validate import validate_inputs
 
         try:
-            problems = validate_inputs(read_optimisation_set(path), box_size_px=self.boxSize.get())
+            opt = read_optimisation_set(path)
+            problems = [str(problem) for problem in validate_inputs(opt, box_size_px=self.boxSize.get())]
         except InputError as error:
-            problems = error.problems
-        return [str(problem) for problem in problems]
+            return [str(problem) for problem in error.problems]
+        if not problems:
+            smallest = _smallest_tilt_image_px(opt)
+            if smallest is not None and self.boxSize.get() > smallest:
+                problems.append(f"Box size {self.boxSize.get()} px is larger than the tilt images "
+                                f"({smallest} px): use at most {smallest}.")
+        return problems
 
     def _warnings(self):
         warnings = []
@@ -391,6 +394,21 @@ class ProtTomoCtfRefine(EMProtocol):
 
     def _citations(self):
         return ["Burt2024", "Zivanov2022"]
+
+
+def _smallest_tilt_image_px(opt) -> int | None:
+    """Smallest side (px) of the tilt-series stacks an optimisation set names (None if unknown)."""
+    from tomoctfrefine.io.maps import read_map_header
+    from tomoctfrefine.io.paths import resolve_path
+    from tomoctfrefine.io.star import read_star
+
+    tomograms = opt.resolved("tomograms_path")
+    table = read_star(tomograms).blocks.get("global")
+    if table is None or "rlnTomoTiltSeriesName" not in table:
+        return None
+    sides = [min(read_map_header(resolve_path(name, [tomograms.parent])).shape[1:])
+             for name in table["rlnTomoTiltSeriesName"]]
+    return min(sides) if sides else None
 
 
 def _mrc_path(path: str) -> str:

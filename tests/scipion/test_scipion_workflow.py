@@ -160,6 +160,20 @@ def test_wizards_propose_box_and_range_from_the_inputs(project):
     assert 500 <= expected <= 3000
 
 
+def test_validate_optimisation_set_input(project):
+    from tomoctfrefine.protocols import ProtTomoCtfRefine
+
+    engine = [] if HAVE_PIPELINE else [
+        "tomoctfrefine's engine (tomoctfrefine.pipeline) is not installed: reinstall tomoctfrefine (pip install -e .[all])."]
+    opt = str(project["relion"] / "optimisation_set.star")
+    new = project["project"].newProtocol
+    assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet=opt, boxSize=128).validate() == engine
+    assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet=opt, boxSize=300).validate() == engine + [
+        "Box size 300 px is larger than the tilt images (256 px): use at most 256."]
+    assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet="/nonexistent/opt.star").validate() == engine + [
+        "Optimisation set '/nonexistent/opt.star' not found: give an existing optimisation_set.star."]
+
+
 def test_conversion_gives_back_relion_input_values(project, tmp_path):
     """Scipion objects -> RELION files equals RELION's own input files (printed precision)."""
     from tomoctfrefine.protocols import convert
