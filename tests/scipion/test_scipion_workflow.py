@@ -280,3 +280,31 @@ def test_full_run_refines_defocus_towards_truth(project):
     assert rms_before == pytest.approx(881, abs=5)
     assert rms_after < 309, (rms_before, rms_after)
     assert protocol.coordinates.getSize() == 30
+
+
+@pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
+def test_stop_after_prepare_then_continue_skips_finished_steps(project):
+    """Stop the run once the statistics exist, continue it: prepare is not run again, the rest is."""
+    import time
+
+    proj = project["project"]
+    protocol = _refine_protocol(project, None, refineContrast=False)
+    proj.launchProtocol(protocol, wait=False)
+    deadline = time.time() + 300
+    finished = set()
+    while time.time() < deadline:
+        finished = {step.funcName.get() for step in protocol.loadSteps() if step.isFinished()}
+        if "prepareStep" in finished:
+            break
+        time.sleep(0.05)
+    assert "prepareStep" in finished, "prepare did not finish in time"
+    proj.stopProtocol(protocol)
+    assert protocol.isAborted() or protocol.isFinished()
+    statistics = sorted(Path(protocol.outDir()).rglob("*.npz"))
+    assert statistics, "prepare wrote no statistics"
+    written = {path: path.stat().st_mtime_ns for path in statistics}
+    _launch(proj, protocol)  # "Continue" is the default run mode
+    assert {path: path.stat().st_mtime_ns for path in statistics} == written
+    steps = {step.funcName.get(): step.isFinished() for step in protocol.loadSteps()}
+    assert steps == {"convertInputStep": True, "prepareStep": True, "refineDefocusStep": True, "createOutputStep": True}
+    assert protocol.CTFs.getSize() == 1
