@@ -186,7 +186,8 @@ def _particle_items(particles):
 
     if isinstance(particles, SetOfSubTomograms):
         coords_px = particles.getCoordinates3D().getSamplingRate()
-        for subtomo in particles.iterItems():
+        # iterSubtomos plugs each coordinate's tomogram back (positions need its size and origin)
+        for subtomo in particles.iterSubtomos():
             coord = subtomo.getCoordinate3D()
             matrix = subtomo.getTransform(convention=TR_RELION).getMatrix()
             half = getattr(subtomo, ATTR_HALF_SET, None) or getattr(coord, ATTR_HALF_SET, None)

@@ -174,14 +174,42 @@ def test_validate_optimisation_set_input(project):
         "Optimisation set '/nonexistent/opt.star' not found: give an existing optimisation_set.star."]
 
 
-def test_conversion_gives_back_relion_input_values(project, tmp_path):
+def _subtomograms_of(coordinates, path):
+    """A SetOfSubTomograms on ``coordinates`` whose transforms are the coordinates' orientations
+    (as after a subtomogram refinement), written to ``path``."""
+    from pwem.objects import Transform
+    from tomo.objects import SetOfSubTomograms, SubTomogram
+
+    subtomograms = SetOfSubTomograms.create(str(path), template="subtomograms%s.sqlite")
+    subtomograms.setSamplingRate(coordinates.getSamplingRate())
+    subtomograms.setCoordinates3D(coordinates)
+    for coord in coordinates.iterCoordinates():
+        subtomogram = SubTomogram()
+        subtomogram.setSamplingRate(coordinates.getSamplingRate())
+        subtomogram.setLocation(str(path / "dummy.mrc"))
+        subtomogram.setCoordinate3D(coord.clone())
+        subtomogram.setVolName(coord.getTomoId())
+        transform = Transform()
+        transform.setMatrix(coord.getMatrix())
+        subtomogram.setTransform(transform)
+        subtomogram._rlnRandomSubset = coord._rlnRandomSubset.clone()
+        subtomograms.append(subtomogram)
+    subtomograms.write()
+    return subtomograms
+
+
+@pytest.mark.parametrize("particle_kind", ["coordinates", "subtomograms"])
+def test_conversion_gives_back_relion_input_values(project, tmp_path, particle_kind):
     """Scipion objects -> RELION files equals RELION's own input files (printed precision)."""
     from tomoctfrefine.protocols import convert
 
     meta = project["meta"]
     volume = project["volume"].outputVolume
+    particles = meta.coordinates
+    if particle_kind == "subtomograms":
+        particles = _subtomograms_of(meta.coordinates, tmp_path)
     converted = convert.write_optimisation_set_from_scipion(
-        tmp_path, meta.tiltSeries, meta.CTFs, meta.coordinates, volume.getHalfMaps(asList=True),
+        tmp_path, meta.tiltSeries, meta.CTFs, particles, volume.getHalfMaps(asList=True),
         project["mask"].outputMask.getFileName(), hand=-1)
     assert converted.skipped_particles == 0
     original = _read(project["relion"] / "tilt_series" / "TS_01.star")["TS_01"]
