@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import numpy as np
 import scipy.fft
 
@@ -75,6 +77,7 @@ class TiltStatistics:
         if self.flipped_hand is not None:
             for name in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo"):
                 arrays[f"flipped_{name}"] = getattr(self.flipped_hand, name)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         path = str(path)
         tmp = path + ".part.npz"
         np.savez(tmp, **arrays)

@@ -250,6 +250,10 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+        # mkstemp creates the file 0600; give it the permissions an ordinary file gets (umask applies)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -1,0 +1,713 @@
+"""The refinement as separate, resumable steps over tomograms (the CLI, the Python API and the
+Scipion protocol all call these functions).
+
+::
+
+    prepare(opt, options, out_dir)     validate, then per tomogram: sufficient statistics (the only
+                                       step that reads images; spread over MPI ranks)
+    refine_defocus(out_dir)            per tomogram: defocus, astigmatism, per-tilt scale estimate
+    refine_scale(out_dir)              scale model (per frame, Beer-Lambert per tomogram or global)
+    refine_aberrations(out_dir)        per optics group: even/odd Zernike, jointly with defocus and scale
+    write_outputs(out_dir)             RELION files, summary.json, plots, logfile.pdf
+
+Every step reads what the previous steps saved under ``out_dir/temp`` and saves its own results
+atomically, so a run killed at any moment and resumed (``--only_do_unfinished``) writes exactly what an
+uninterrupted run writes: the fits depend only on the saved statistics, never on what happened to be
+in memory (RELION's resumed scale step instead sees the defocus of the earlier run, up to 12 % off).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .distribute import World
+from .errors import InputError, Problem
+from .statistics import TiltStatistics
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """What to refine and how (RELION's flags, named for their meaning; defaults are RELION's).
+
+    The tutorial settings are ``box_size_px=512, do_defocus=True, regularise_defocus=True,
+    regularisation_lambda=0.1, do_scale=True, scale_mode="per_frame"``.
+    ``regularisation_lambda`` is dimensionless here: 1 pulls a tilt towards the tomogram's common
+    defocus as strongly as an average tilt's own data pull it (it does not depend on the box size or
+    the particle count, unlike RELION's).
+    """
+
+    box_size_px: int
+    do_defocus: bool = False
+    defocus_scan_min_angstrom: float = -3000.0
+    defocus_scan_max_angstrom: float = 3000.0
+    defocus_scan_steps: int = 100
+    regularise_defocus: bool = False
+    regularisation_lambda: float = 0.001
+    reset_to_common: bool = False
+    kmin_angstrom: float = 30.0
+    do_scale: bool = False
+    scale_mode: str = "global"
+    do_even_aberrations: bool = False
+    even_order: int = 4
+    do_odd_aberrations: bool = False
+    odd_order: int = 3
+    freq_cutoff_angstrom: float = -1.0
+    fsc_threshold_width_px: float = 5.0
+    use_snr_weight: bool = False
+    per_frame_noise: bool = False
+    min_frame: int = 0
+    max_frame: int = -1
+    cutoff_fraction: float = 0.02
+    threads: int = 1
+    only_do_unfinished: bool = False
+    diagnostics: bool = False
+    assess: bool = False
+    check_hand: bool = True
+
+    @property
+    def do_aberrations(self) -> bool:
+        return self.do_even_aberrations or self.do_odd_aberrations
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the statistics (resuming with other values is refused)."""
+        relevant = {k: v for k, v in asdict(self).items() if k in _STATISTICS_FIELDS}
+        return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_STATISTICS_FIELDS = ("box_size_px", "freq_cutoff_angstrom", "fsc_threshold_width_px", "use_snr_weight",
+                      "per_frame_noise", "check_hand")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run state
+
+
+@dataclass
+class Run:
+    """What every step needs: the options, the inputs (as absolute paths) and the output folder."""
+
+    out_dir: Path
+    options: RefineOptions
+    inputs: dict
+    command_line: str = ""
+
+    @property
+    def temp(self) -> Path:
+        return self.out_dir / "temp"
+
+    def optimisation_set(self):
+        from .io.optimisation_set import OptimisationSet
+
+        paths = {k: v for k, v in self.inputs.items() if k.endswith("_path")}
+        return OptimisationSet(**paths, extra=dict(self.inputs.get("extra", {})))
+
+    def save(self) -> None:
+        state = {"options": asdict(self.options), "inputs": self.inputs, "command_line": self.command_line,
+                 "fingerprint": self.options.fingerprint()}
+        _write_json(self.temp / RUN_FILE, state)
+
+    @classmethod
+    def load(cls, out_dir) -> "Run":
+        out_dir = Path(out_dir)
+        path = out_dir / "temp" / RUN_FILE
+        if not path.exists():
+            raise InputError(Problem(str(out_dir), "no prepared refinement in this folder",
+                                     "run the prepare step (tomoctfrefine refine) first"))
+        state = json.loads(path.read_text())
+        known = {f.name for f in fields(RefineOptions)}
+        options = RefineOptions(**{k: v for k, v in state["options"].items() if k in known})
+        return cls(out_dir, options, state["inputs"], state.get("command_line", ""))
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _save_arrays(path: Path, **arrays) -> None:
+    """Save arrays atomically (``.npz``); None values are skipped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
+    os.replace(tmp, path)
+
+
+def _load_arrays(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _log(run_or_dir, message: str) -> None:
+    """Print a progress line and append it to ``out_dir/run.log``."""
+    out_dir = run_or_dir.out_dir if isinstance(run_or_dir, Run) else Path(run_or_dir)
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    with open(out_dir / "run.log", "a") as log:
+        log.write(line + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _absolute_inputs(opt) -> dict:
+    from .io.optimisation_set import KEYS
+
+    inputs = {}
+    for name in KEYS:
+        resolved = opt.resolved(name) if getattr(opt, name) is not None else None
+        inputs[name] = None if resolved is None else str(Path(resolved).resolve())
+    inputs["extra"] = {k: v for k, v in opt.extra.items()}
+    return inputs
+
+
+def _check_output_folder(out_dir: Path, inputs: dict) -> list[Problem]:
+    problems = []
+    input_dirs = {str(Path(p).parent) for k, p in inputs.items() if k.endswith("_path") and p}
+    if str(out_dir.resolve()) in input_dirs:
+        problems.append(Problem(str(out_dir), "the output folder holds input files that the outputs would overwrite",
+                                "choose another output folder with --o"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        problems.append(Problem(str(out_dir), f"the output folder is not writable ({error.strerror})",
+                                "choose a writable output folder with --o"))
+    return problems
+
+
+class _Inputs:
+    """The inputs of a run, read once per process."""
+
+    def __init__(self, run: Run):
+        from .io import particles as particles_io
+        from .io import tomograms as tomograms_io
+
+        self.run = run
+        self.tomogram_set = tomograms_io.read_tomogram_set(run.inputs["tomograms_path"])
+        self.particle_set = particles_io.read_particle_set(run.inputs["particles_path"])
+        self.names = tomograms_io.tomogram_names(self.tomogram_set)
+        self._tomograms = {}
+
+    def tomogram(self, name: str):
+        from .io import tomograms as tomograms_io
+
+        if name not in self._tomograms:
+            self._tomograms[name] = tomograms_io.tomogram(self.tomogram_set, name)
+        return self._tomograms[name]
+
+    def rows(self, name: str) -> np.ndarray:
+        from .io.particles import particles_of
+
+        return particles_of(self.particle_set, name)
+
+    def optics_group(self, name: str) -> int:
+        from .io.particles import optics_group_numbers
+
+        groups = np.unique(optics_group_numbers(self.particle_set, self.rows(name)))
+        if len(groups) > 1:
+            raise InputError(Problem(self.run.inputs["particles_path"],
+                                     f"the particles of tomogram {name} belong to several optics groups {groups.tolist()}",
+                                     "give each tomogram's particles one optics group", "rlnOpticsGroup"))
+        return int(groups[0]) if len(groups) else 1
+
+    def zernike(self, group: int) -> tuple[list, list]:
+        from .io.particles import optics_zernike
+
+        return optics_zernike(self.particle_set, group)
+
+    def with_statistics(self) -> list[str]:
+        return [n for n in self.names if (self.run.temp / "statistics" / f"{n}.npz").exists()]
+
+    def statistics(self, name: str) -> TiltStatistics:
+        return TiltStatistics.load(self.run.temp / "statistics" / f"{name}.npz")
+
+    def frame_range(self, n_tilts: int) -> np.ndarray:
+        """Tilts selected by ``--min_frame``/``--max_frame`` (table order; max <= 0 means all)."""
+        first = max(0, self.run.options.min_frame)
+        last = self.run.options.max_frame if self.run.options.max_frame > 0 else n_tilts - 1
+        selected = np.zeros(n_tilts, dtype=bool)
+        selected[first:min(last, n_tilts - 1) + 1] = True
+        return selected
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: statistics
+
+
+def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world: World | None = None) -> Run:
+    """Validate the inputs, then accumulate every tomogram's sufficient statistics.
+
+    Raises
+    ------
+    InputError
+        With every problem of the inputs or the output folder, before any heavy work.
+    """
+    import numba
+
+    from . import reference as reference_mod
+    from .io import particles as particles_io
+    from .io import tomograms as tomograms_io
+    from .io.fsc import read_fsc
+    from .io.maps import read_map
+    from .io.trajectories import read_trajectories
+    from .statistics import compute_statistics
+    from .validate import validate_inputs
+
+    world = world or World()
+    out_dir = Path(out_dir)
+    problems = validate_inputs(opt, box_size_px=options.box_size_px)
+    inputs = _absolute_inputs(opt) if not problems else {}
+    if not problems:
+        problems += _check_output_folder(out_dir, inputs)
+    if problems:
+        raise InputError(problems)
+    run = Run(out_dir, options, inputs, command_line)
+    run_file = run.temp / RUN_FILE
+    if world.is_leader:
+        if options.only_do_unfinished and run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if previous.get("fingerprint") != options.fingerprint() or previous.get("inputs") != inputs:
+                raise InputError(Problem(str(out_dir), "--only_do_unfinished: this folder holds a run with other inputs or settings",
+                                         "resume with the same inputs and flags, or use a new --o"))
+        elif not options.only_do_unfinished:
+            for stale in sorted(run.temp.glob("*/*")) if run.temp.exists() else []:
+                stale.unlink()
+        run.save()
+        (out_dir / "note.txt").write_text((command_line or "tomoctfrefine refine") + "\n")
+    world.barrier()
+
+    numba.set_num_threads(max(1, min(options.threads, numba.config.NUMBA_NUM_THREADS)))
+    data = _Inputs(run)
+    counts = {n: len(data.rows(n)) for n in data.names}
+    mine = world.share([n for n in data.names if counts[n] > 0], [counts[n] for n in data.names if counts[n] > 0])
+    todo = [n for n in mine if not (options.only_do_unfinished and (run.temp / "statistics" / f"{n}.npz").exists())]
+    if len(todo) < len(mine):
+        _log(run, f"prepare: {len(mine) - len(todo)} tomogram(s) already done, skipped (--only_do_unfinished)")
+    if not todo:
+        world.barrier()
+        return run
+
+    half1, voxel = read_map(inputs["ref1_path"])
+    half2, _ = read_map(inputs["ref2_path"])
+    mask = read_map(inputs["mask_path"])[0] if inputs.get("mask_path") else None
+    references = reference_mod.prepare_references(half1, half2, mask, options.box_size_px, voxel,
+                                                  map_paths=(inputs["ref1_path"], inputs["ref2_path"]))
+    fsc = read_fsc(inputs["fsc_path"]) if inputs.get("fsc_path") else None
+    cutoff = reference_mod.frequency_cutoff_weight(
+        references, fsc=fsc, freq_cutoff_angstrom=options.freq_cutoff_angstrom,
+        fsc_thresh_width_px=options.fsc_threshold_width_px, use_snr_weight=options.use_snr_weight)
+    references = references.cropped(reference_mod.weight_support_radius_px(cutoff))
+    trajectories = read_trajectories(inputs["trajectories_path"]) if inputs.get("trajectories_path") else None
+
+    for index, name in enumerate(todo, 1):
+        started = time.time()
+        tomo = data.tomogram(name)
+        rows = data.rows(name)
+        images = tomograms_io.load_tilt_images(tomo)
+        weights = reference_mod.noise_weights(images, options.box_size_px, per_frame=options.per_frame_noise) * cutoff[None]
+        shifts = None
+        if trajectories is not None:
+            names = particles_io.particle_names(data.particle_set, rows)
+            shifts = np.stack([trajectories[n] for n in names])
+        even, _ = data.zernike(data.optics_group(name))
+        selected = data.frame_range(tomo.tilt_count)
+        statistics = compute_statistics(
+            tomo, images,
+            particles_io.particle_positions_px(data.particle_set, rows, tomo),
+            particles_io.particle_rotations(data.particle_set, rows),
+            particles_io.half_sets(data.particle_set, rows),
+            references, weights, even,
+            with_flipped_hand=options.check_hand,
+            trajectory_shifts_angstrom=shifts,
+            tilts=np.nonzero(selected)[0].tolist(),
+        )
+        statistics.save(run.temp / "statistics" / f"{name}.npz")
+        _log(run, f"prepare: {name} ({index}/{len(todo)} on rank {world.rank}): {len(rows)} particles, "
+                  f"{tomo.tilt_count} tilts, {int(statistics.particle_count.sum())} particle-tilt pairs, "
+                  f"{time.time() - started:.1f} s")
+    world.barrier()
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2: defocus
+
+
+def _band(run: Run, statistics: TiltStatistics):
+    from .refine.likelihood import FrequencyBand
+
+    return FrequencyBand(kmin_angstrom=run.options.kmin_angstrom if run.options.kmin_angstrom > 0 else None)
+
+
+def _odd_phase(data: _Inputs, name: str, statistics: TiltStatistics):
+    from .physics.geometry import fourier_grid_per_angstrom
+    from .physics.zernike import odd_phase_rad
+
+    _, odd = data.zernike(data.optics_group(name))
+    if not any(odd):
+        return None
+    fx, fy = fourier_grid_per_angstrom(statistics.box_size_px, statistics.pixel_size_angstrom)
+    return odd_phase_rad(odd, fx, fy)
+
+
+def _defocus_arrays(fit) -> dict:
+    return {f.name: getattr(fit, f.name) for f in fields(fit)}
+
+
+def refine_defocus(out_dir, world: World | None = None) -> None:
+    """Refine every tomogram's per-tilt defocus and astigmatism (scale profiled out); also the hand check."""
+    from .refine import defocus as defocus_mod
+
+    world = world or World()
+    run = Run.load(out_dir)
+    data = _Inputs(run)
+    names = data.with_statistics()
+    mine = world.share(names, [len(data.rows(n)) for n in names])
+    for name in mine:
+        target = run.temp / "defocus" / f"{name}.npz"
+        if run.options.only_do_unfinished and target.exists():
+            continue
+        started = time.time()
+        statistics = data.statistics(name)
+        tomo = data.tomogram(name)
+        kwargs = dict(
+            scan_min_angstrom=run.options.defocus_scan_min_angstrom,
+            scan_max_angstrom=run.options.defocus_scan_max_angstrom,
+            scan_steps=run.options.defocus_scan_steps,
+            band=_band(run, statistics),
+            regularisation_lambda=run.options.regularisation_lambda if run.options.regularise_defocus else 0.0,
+            odd_phase_rad=_odd_phase(data, name, statistics),
+            input_scale=tomo.ctf_scale,
+        )
+        fit = defocus_mod.refine_defocus(statistics, tomo.optics.wavelength_angstrom, tomo.defocus_u_angstrom,
+                                         tomo.defocus_v_angstrom, tomo.defocus_angle_deg, **kwargs)
+        selected = data.frame_range(tomo.tilt_count)
+        fit.refined &= selected
+        arrays = _defocus_arrays(fit)
+        hand = _hand_check(statistics, tomo, fit, kwargs)
+        _save_arrays(target, **{k: v for k, v in arrays.items() if v is not None}, **hand)
+        _log(run, f"defocus: {name}: {int(fit.refined.sum())}/{tomo.tilt_count} tilts refined, median "
+                  f"uncertainty {np.median(fit.uncertainty_angstrom[fit.refined]) if fit.refined.any() else float('nan'):.0f} Å, "
+                  f"{time.time() - started:.1f} s")
+    world.barrier()
+
+
+def _hand_check(statistics: TiltStatistics, tomo, fit, kwargs) -> dict:
+    """Compare the best fit under the input hand with the best fit under the flipped hand."""
+    from .refine import defocus as defocus_mod
+
+    if statistics.flipped_hand is None:
+        return {}
+    flipped = defocus_mod.refine_defocus(statistics.flipped_hand, tomo.optics.wavelength_angstrom, tomo.defocus_u_angstrom,
+                                         tomo.defocus_v_angstrom, tomo.defocus_angle_deg, **kwargs)
+    both = fit.refined & flipped.refined
+    gain = float(np.sum(flipped.cost[both]) - np.sum(fit.cost[both]))
+    return {"hand_log_likelihood_gain": np.array(gain)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 3: scale
+
+
+def _scale_evidence(run: Run, data: _Inputs, name: str):
+    """Per-tilt scale estimate and its information: from the latest defocus fit, else at the input CTF."""
+    steps = ("aberrations", "defocus") if run.options.do_defocus else ("aberrations",)
+    for step in steps:
+        path = run.temp / step / f"{name}.npz"
+        if path.exists():
+            arrays = _load_arrays(path)
+            return arrays["scale"], arrays["scale_information"]
+    from .refine.likelihood import BandStatistics, evaluate
+
+    statistics = data.statistics(name)
+    band_data = BandStatistics.from_statistics(statistics, _band(run, statistics))
+    odd = _odd_phase(data, name, statistics)
+    psi = None if odd is None else odd[band_data.pixel_y, band_data.pixel_x]
+    evaluation = evaluate(band_data, 0.0, psi)
+    information = np.where(band_data.active, evaluation.s_p, 0.0)
+    return evaluation.scale, information
+
+
+def refine_scale(out_dir, world: World | None = None) -> None:
+    """Fit the scale model: per frame, Beer-Lambert per tomogram, or Beer-Lambert with one luminance."""
+    from .refine import scale as scale_mod
+
+    world = world or World()
+    run = Run.load(out_dir)
+    if not world.is_leader:
+        world.barrier()
+        return
+    data = _Inputs(run)
+    names = data.with_statistics()
+    evidence = {n: _scale_evidence(run, data, n) for n in names}
+    tomos = {n: data.tomogram(n) for n in names}
+    for n in names:
+        selected = data.frame_range(tomos[n].tilt_count)
+        evidence[n] = (evidence[n][0], np.where(selected, evidence[n][1], 0.0))
+    mode = run.options.scale_mode
+    if mode == "global":
+        dose = {n: _dose_factor(tomos[n]) for n in names}
+        fits = scale_mod.fit_global_beer_lambert(
+            {n: evidence[n][0] for n in names}, {n: evidence[n][1] for n in names},
+            {n: tomos[n].projection_matrices for n in names},
+            input_scales={n: tomos[n].ctf_scale for n in names}, dose_factors=dose)
+    elif mode == "per_tomogram":
+        fits = {n: scale_mod.fit_beer_lambert(evidence[n][0], evidence[n][1], tomos[n].projection_matrices,
+                                              input_scale=tomos[n].ctf_scale) for n in names}
+    else:
+        fits = {n: scale_mod.fit_per_frame_scale(evidence[n][0], evidence[n][1], tomos[n].ctf_scale) for n in names}
+    for n, fit in fits.items():
+        scale = np.where(data.frame_range(tomos[n].tilt_count), fit.scale, tomos[n].ctf_scale)
+        _save_arrays(run.temp / "scale" / f"{n}.npz", scale=scale, estimate=evidence[n][0], information=evidence[n][1],
+                     luminance=fit.luminance, relative_ice_thickness=fit.relative_ice_thickness,
+                     ice_normal=fit.ice_normal)
+        _write_json(run.temp / "scale" / f"{n}.json", {"model": fit.model, "success": bool(fit.success), "message": fit.message})
+        _log(run, f"scale: {n}: {fit.message}")
+    world.barrier()
+
+
+def _dose_factor(tomo) -> float:
+    """RELION's ``d_t``: the fractional dose, else the difference of the two smallest pre-exposures."""
+    if tomo.fractional_dose_e_per_angstrom2 and tomo.fractional_dose_e_per_angstrom2 > 0:
+        return float(tomo.fractional_dose_e_per_angstrom2)
+    doses = np.unique(tomo.pre_exposure_e_per_angstrom2)
+    return float(doses[1] - doses[0]) if len(doses) > 1 else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4: aberrations
+
+
+def refine_aberrations(out_dir, world: World | None = None) -> None:
+    """Fit even/odd Zernike aberrations per optics group, jointly with every tilt's defocus and scale."""
+    from .refine import aberrations as aberrations_mod
+    from .refine.defocus import DefocusFit
+
+    world = world or World()
+    run = Run.load(out_dir)
+    if not world.is_leader:
+        world.barrier()
+        return
+    options = run.options
+    data = _Inputs(run)
+    names = data.with_statistics()
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(data.optics_group(n), []).append(n)
+    for group, members in sorted(groups.items()):
+        started = time.time()
+        statistics = {n: data.statistics(n) for n in members}
+        tomos = {n: data.tomogram(n) for n in members}
+        starts = {}
+        for n in members:
+            path = run.temp / "defocus" / f"{n}.npz"
+            if options.do_defocus and path.exists():
+                arrays = _load_arrays(path)
+                starts[n] = DefocusFit(**{f.name: arrays.get(f.name) for f in fields(DefocusFit)})
+        even, odd = data.zernike(group)
+        fit = aberrations_mod.refine_aberrations(
+            statistics,
+            {n: tomos[n].optics.wavelength_angstrom for n in members},
+            {n: (tomos[n].defocus_u_angstrom, tomos[n].defocus_v_angstrom, tomos[n].defocus_angle_deg) for n in members},
+            defocus_start=starts or None,
+            even_order=options.even_order if options.do_even_aberrations else None,
+            odd_order=options.odd_order if options.do_odd_aberrations else None,
+            existing_even=even, existing_odd=odd,
+            refine_defocus=options.do_defocus,
+            regularisation_lambda=options.regularisation_lambda if options.regularise_defocus else 0.0,
+            band=_band(run, statistics[members[0]]),
+            input_scales={n: tomos[n].ctf_scale for n in members},
+        )
+        for n in members:
+            _save_arrays(run.temp / "aberrations" / f"{n}.npz", **_defocus_arrays(fit.defocus[n]))
+        _save_arrays(run.temp / "aberrations" / f"group_{group}.npz",
+                     even_coefficients=fit.even_coefficients if options.do_even_aberrations else None,
+                     odd_coefficients=fit.odd_coefficients if options.do_odd_aberrations else None,
+                     even_uncertainty=fit.even_uncertainty, odd_uncertainty=fit.odd_uncertainty,
+                     even_phase_per_pixel=fit.even_phase_per_pixel, even_phase_fit=fit.even_phase_fit,
+                     odd_phase_per_pixel=fit.odd_phase_per_pixel, odd_phase_fit=fit.odd_phase_fit)
+        _log(run, f"aberrations: optics group {group}: even {np.round(fit.even_coefficients, 2).tolist()}, "
+                  f"odd {np.round(fit.odd_coefficients, 2).tolist()}, {time.time() - started:.1f} s")
+    world.barrier()
+    if options.do_scale:
+        # the joint fit updated every tilt's scale estimate: refit the scale model on it
+        refine_scale(out_dir, world)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 5: outputs
+
+
+def _latest_defocus(run: Run, name: str) -> dict | None:
+    for step in ("aberrations", "defocus"):
+        path = run.temp / step / f"{name}.npz"
+        if path.exists():
+            return _load_arrays(path)
+    return None
+
+
+def write_outputs(out_dir, world: World | None = None) -> Path:
+    """Write RELION's files (tomograms.star, tilt_series/*.star, particles.star when aberrations were
+    refined, optimisation_set.star), the aberration phase maps, summary.json, the plots and logfile.pdf.
+
+    Returns the path of the output optimisation set.
+    """
+    from .io import particles as particles_io
+    from .io import tomograms as tomograms_io
+    from .io.maps import write_map
+    from .io.optimisation_set import OptimisationSet, write_optimisation_set
+    from .refine.aberrations import full_centred_image
+    from .report import write_report, write_summary
+
+    world = world or World()
+    run = Run.load(out_dir)
+    out = run.out_dir / "optimisation_set.star"
+    if not world.is_leader:
+        return out
+    options = run.options
+    data = _Inputs(run)
+    tset, pset = data.tomogram_set, data.particle_set
+    summary = {"tomograms": {}, "options": asdict(options), "command_line": run.command_line}
+    for name in data.names:
+        tomo = data.tomogram(name)
+        entry = {
+            "tilt_angle_deg": _tilt_angles(tomo),
+            "pre_exposure_e_per_angstrom2": tomo.pre_exposure_e_per_angstrom2,
+            "defocus_u_before_angstrom": tomo.defocus_u_angstrom,
+            "defocus_v_before_angstrom": tomo.defocus_v_angstrom,
+            "defocus_angle_before_deg": tomo.defocus_angle_deg,
+            "scale_before": tomo.ctf_scale,
+            "particle_count": len(data.rows(name)),
+        }
+        u, v, angle, scale = tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg, tomo.ctf_scale
+        latest = _latest_defocus(run, name)
+        if options.do_defocus and latest is not None:
+            u, v, angle = latest["defocus_u_angstrom"], latest["defocus_v_angstrom"], latest["defocus_angle_deg"]
+            entry.update(defocus_u_after_angstrom=u, defocus_v_after_angstrom=v, defocus_angle_after_deg=angle,
+                         defocus_uncertainty_angstrom=np.where(np.isfinite(latest["uncertainty_angstrom"]), latest["uncertainty_angstrom"], -1.0),
+                         refined=latest["refined"])
+        defocus_file = run.temp / "defocus" / f"{name}.npz"
+        if defocus_file.exists():
+            hand = _load_arrays(defocus_file).get("hand_log_likelihood_gain")
+            if hand is not None:
+                gain = float(hand)
+                entry["hand"] = {"log_likelihood_gain": gain,
+                                 "verdict": "input hand fits better" if gain > 0 else "FLIPPED hand fits better: check rlnTomoHand"}
+        scale_file = run.temp / "scale" / f"{name}.npz"
+        if options.do_scale and scale_file.exists():
+            scale_arrays = _load_arrays(scale_file)
+            scale = scale_arrays["scale"]
+            model = json.loads((run.temp / "scale" / f"{name}.json").read_text())
+            entry.update(scale_after=scale, scale_per_tilt=scale_arrays["estimate"], scale_model=model["model"],
+                         scale_message=model["message"])
+            if "luminance" in scale_arrays:
+                normal = scale_arrays["ice_normal"]
+                tset = tomograms_io.with_global_values(
+                    tset, name, relative_luminance=float(scale_arrays["luminance"]),
+                    relative_ice_thickness=float(scale_arrays["relative_ice_thickness"]),
+                    ice_normal_x=float(normal[0]), ice_normal_y=float(normal[1]), ice_normal_z=float(normal[2]))
+        for label, values in (("defocus U", u), ("defocus V", v), ("defocus angle", angle), ("scale", scale)):
+            if not np.all(np.isfinite(values)):
+                raise RuntimeError(f"{name}: refusing to write non-finite {label} values")
+        tset = tomograms_io.with_tilt_ctf(tset, name, u, v, angle, ctf_scale=scale)
+        summary["tomograms"][name] = entry
+
+    phase_maps = {}
+    particles_path = run.inputs["particles_path"]
+    if options.do_aberrations:
+        voxel = data.tomogram(data.names[0]).pixel_size_angstrom
+        for path in sorted((run.temp / "aberrations").glob("group_*.npz")):
+            group = int(path.stem.split("_")[1])
+            arrays = _load_arrays(path)
+            even = arrays.get("even_coefficients")
+            odd = arrays.get("odd_coefficients")
+            pset = particles_io.with_zernike(pset, group, None if even is None else even.tolist(),
+                                             None if odd is None else odd.tolist())
+            summary.setdefault("aberrations", {})[str(group)] = {
+                "even": [] if even is None else even, "odd": [] if odd is None else odd}
+            maps = {}
+            for kind, antisymmetric in (("even", False), ("odd", True)):
+                if arrays.get(f"{kind}_coefficients") is None:
+                    continue
+                for suffix, key in (("per-pixel", f"{kind}_phase_per_pixel"), ("nonlinear-fit", f"{kind}_phase_fit")):
+                    image = full_centred_image(arrays[key], antisymmetric=antisymmetric)
+                    write_map(run.out_dir / f"group_{group}_{kind}_phase_{suffix}.mrc", image.astype(np.float32)[None], voxel)
+                    maps[f"{kind} {suffix}"] = image
+            phase_maps[f"phase_group_{group}"] = maps
+        particles_path = str(particles_io.write_particle_set(pset, run.out_dir / "particles.star"))
+    tomograms_path = str(tomograms_io.write_tomogram_set(tset, run.out_dir))
+    inputs = run.inputs
+    written = OptimisationSet(
+        particles_path=_portable(particles_path), tomograms_path=_portable(tomograms_path),
+        trajectories_path=_portable(inputs.get("trajectories_path")), ref1_path=_portable(inputs.get("ref1_path")),
+        ref2_path=_portable(inputs.get("ref2_path")), mask_path=_portable(inputs.get("mask_path")),
+        fsc_path=_portable(inputs.get("fsc_path")), extra=dict(inputs.get("extra", {})), version="50001")
+    write_optimisation_set(written, out)
+    write_summary(summary, run.out_dir / "summary.json")
+    write_report(summary, run.out_dir, phase_maps)
+    _log(run, f"wrote {out}")
+    return out
+
+
+def _portable(path: str | None) -> str | None:
+    """A path relative to the working directory when it lies below it (RELION's convention), else absolute."""
+    if path is None:
+        return None
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(absolute)
+
+
+def _tilt_angles(tomo) -> np.ndarray:
+    """Tilt angle of each image (degrees) from its projection matrix (sign from the beam direction)."""
+    beams = tomo.projection_matrices[:, 2, :3]
+    beams = beams / np.linalg.norm(beams, axis=1, keepdims=True)
+    return np.rad2deg(np.arctan2(-beams[:, 0], beams[:, 2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything
+
+
+def run_refinement(opt, options: RefineOptions, out_dir, command_line: str = "") -> Path:
+    """Run every requested step (the CLI's ``refine``) and return the output optimisation set."""
+    world = World()
+    with world.guard():
+        started = time.time()
+        prepare(opt, options, out_dir, command_line, world)
+        if options.do_defocus or options.check_hand:
+            refine_defocus(out_dir, world)
+        if options.do_scale:
+            refine_scale(out_dir, world)
+        if options.do_aberrations:
+            refine_aberrations(out_dir, world)
+        out = write_outputs(out_dir, world)
+        if world.is_leader:
+            _log(Path(out_dir), f"finished in {time.time() - started:.1f} s")
+        return out
