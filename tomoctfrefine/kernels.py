@@ -35,10 +35,17 @@ def _sample_half_complex(ref, ux, uy, uz, max_radius2):
         x1 = nh - 2
     if x0 >= nh:
         x0 = nh - 1
-    y0 = y0 % n
-    z0 = z0 % n
-    y1 = (y0 + 1) % n
-    z1 = (z0 + 1) % n
+    # |u| is within the grid's Nyquist radius, so one conditional add wraps (integer % is slow)
+    if y0 < 0:
+        y0 += n
+    if z0 < 0:
+        z0 += n
+    y1 = y0 + 1
+    if y1 >= n:
+        y1 -= n
+    z1 = z0 + 1
+    if z1 >= n:
+        z1 -= n
     v00 = (1.0 - fx) * ref[z0, y0, x0] + fx * ref[z0, y0, x1]
     v10 = (1.0 - fx) * ref[z0, y1, x0] + fx * ref[z0, y1, x1]
     v01 = (1.0 - fx) * ref[z1, y0, x0] + fx * ref[z1, y0, x1]
