@@ -129,15 +129,40 @@ def test_regularisation_lambda_is_a_ratio_of_informations():
     )
     free = refine_defocus(stats, WAVELENGTH, su, sv, sa, fit_astigmatism=False)
     lam = 1.0
-    pulled = refine_defocus(stats, WAVELENGTH, su, sv, sa, fit_astigmatism=False, regularisation_lambda=lam)
+    pulled = refine_defocus(stats, WAVELENGTH, su, sv, sa, fit_astigmatism=False, regularisation_lambda=lam, regularised_components="all")
     information = 1 / free.uncertainty_angstrom**2
     mean_information = information.mean()
     common = pulled.common_change_angstrom[0]
     expected = (information * free.defocus_change_angstrom[:, 0] + lam * mean_information * common) / (information + lam * mean_information)
     sd = 1 / np.sqrt(information + lam * mean_information)
     assert np.all(np.abs(pulled.defocus_change_angstrom[:, 0] - expected) < 0.15 * sd)
-    rigid = refine_defocus(stats, WAVELENGTH, su, sv, sa, fit_astigmatism=False, regularisation_lambda=1e6)
+    rigid = refine_defocus(stats, WAVELENGTH, su, sv, sa, fit_astigmatism=False, regularisation_lambda=1e6, regularised_components="all")
     assert np.ptp(rigid.defocus_change_angstrom[:, 0]) < 1.0
+
+
+def test_default_regularisation_pulls_the_astigmatism_together_and_leaves_the_mean_defocus_free():
+    rng = np.random.default_rng(22)
+    n = 16
+    tu, tv, ta, su, sv, sa = _series(rng, n, astigmatism=300.0)
+    offset = rng.normal(0, 300, n)  # the mean defocus really varies from tilt to tilt
+    stats, _ = simulate_statistics(
+        rng, optics=OPTICS, box_size_px=32, pixel_size_angstrom=3.0, particles_per_tilt=rng.integers(3, 30, n),
+        true_u=tu + offset, true_v=tv + offset, true_angle=ta, start_u=su, start_v=sv, start_angle=sa,
+        scale=np.ones(n), noise_sigma=3.0,
+    )
+    truth = change_between(su, sv, sa, tu + offset, tv + offset, ta)
+    free = refine_defocus(stats, WAVELENGTH, su, sv, sa)
+    pulled = refine_defocus(stats, WAVELENGTH, su, sv, sa, regularisation_lambda=1e6)
+    # astigmatism: one common value, closer to the truth than the per-tilt fits
+    assert np.ptp(pulled.defocus_change_angstrom[:, 1:], axis=0).max() < 1.0
+    free_error = np.sqrt(np.mean((free.defocus_change_angstrom[:, 1:] - truth[:, 1:]) ** 2))
+    pulled_error = np.sqrt(np.mean((pulled.defocus_change_angstrom[:, 1:] - truth[:, 1:]) ** 2))
+    assert pulled_error < 0.5 * free_error
+    # mean defocus: still per tilt and unbiased
+    error = pulled.defocus_change_angstrom[:, 0] - truth[:, 0]
+    assert np.all(np.abs(error) < 4 * pulled.uncertainty_angstrom)
+    with pytest.raises(ValueError, match="regularised_components must be 'astigmatism' or 'all', got 'defocus'"):
+        refine_defocus(stats, WAVELENGTH, su, sv, sa, regularisation_lambda=1.0, regularised_components="defocus")
 
 
 def test_defocus_change_follows_relion_eigen_convention():

@@ -13,10 +13,10 @@ beyond ~6.7 Å.
 
 Degeneracy. ``Z(0,2) = 2 rho^2 - 1`` and ``Z(+-2,2) = rho^2 (cos, sin) 2 phi`` are exactly the defocus and
 astigmatism of every tilt, and the higher polynomials contain ``rho^2`` parts too. When the defocus is
-refined per tilt, the even aberrations are fitted in a *defocus-free* basis: ``Z(0,0)`` (a constant
-phase) and, for every ``n >= 4``, ``Z(m,n)`` with its ``rho^2`` and constant parts removed (expressed in
-RELION's coefficients as ``Z(m,n)`` plus compensating ``Z(0,2)``, ``Z(+-2,2)``, ``Z(0,0)`` terms). So
-the refined defocus is the whole ``|k|^2`` coefficient of the CTF phase, and the aberrations carry none.
+refined per tilt, the even aberrations are fitted in a *defocus-free* basis: for every ``n >= 4``, ``Z(m,n)`` with its ``rho^2`` and constant parts removed (expressed in
+RELION's coefficients as ``Z(m,n)`` plus compensating ``Z(0,2)``, ``Z(+-2,2)``, ``Z(0,0)`` terms), and
+optionally ``Z(0,0)`` itself. So the refined defocus is the whole ``|k|^2`` coefficient of the CTF phase
+and the aberrations carry none (as the simulator's "pure rho^4" truths).
 Without per-tilt defocus refinement every even polynomial is fitted as it is (RELION's way).
 
 The new coefficients are *added* to the existing ones (RELION: the output list has the length of the new
@@ -30,7 +30,7 @@ from math import factorial
 import numpy as np
 
 from ..physics import zernike
-from .defocus import DefocusFit, assemble_defocus_fit, mean_fisher_metric, phase_basis_per_angstrom
+from .defocus import DefocusFit, assemble_defocus_fit, phase_basis_per_angstrom, regularisation_metric
 from .likelihood import BandStatistics, FrequencyBand, SharedPhase, TomogramTerm, fit_with_continuation
 
 
@@ -90,7 +90,7 @@ def _radial_coefficient(m: int, n: int, power: int) -> float:
     return 0.0
 
 
-def even_fit_design(even_order: int, defocus_free: bool, fit_constant_phase: bool = True) -> tuple[list, np.ndarray]:
+def even_fit_design(even_order: int, defocus_free: bool, fit_constant_phase: bool = False) -> tuple[list, np.ndarray]:
     """Fitted even polynomials and the matrix taking their coefficients to RELION's coefficients.
 
     Returns ``(indices, design)`` with ``design`` of shape ``(len(indices), even_count(even_order))``:
@@ -177,9 +177,10 @@ def refine_aberrations(
     refine_defocus: bool = True,
     fit_astigmatism: bool = True,
     regularisation_lambda: float = 0.0,
+    regularised_components: str = "astigmatism",
     band: FrequencyBand = FrequencyBand(),
     input_scales: dict | None = None,
-    fit_constant_phase: bool = True,
+    fit_constant_phase: bool = False,
     capture_angstrom: float = 1000.0,
 ) -> AberrationFit:
     """Fit even (order ``even_order``) and odd (order ``odd_order``) Zernike aberrations of one optics
@@ -202,13 +203,15 @@ def refine_aberrations(
         Current coefficients of the group (RELION order).
     refine_defocus : bool
         Refine each tilt's defocus (and astigmatism if ``fit_astigmatism``) with the aberrations.
-    regularisation_lambda : float
+    regularisation_lambda, regularised_components :
         As in :func:`~tomoctfrefine.refine.defocus.refine_defocus`.
     band : FrequencyBand
     input_scales : dict[str, ndarray] or None
         Scales kept by tilts without data.
     fit_constant_phase : bool
-        Fit ``Z(0,0)`` (a constant phase) in the defocus-free basis.
+        Also fit ``Z(0,0)`` (a constant phase) in the defocus-free basis. Off by default: a constant phase
+        trades with the amplitude contrast and, at low frequency, with every tilt's defocus, so fitting it
+        adds variance (and a common defocus error) unless the data really have one (phase plate).
     capture_angstrom : float
         Sets the first band of the continuation (see :func:`likelihood.fit_with_continuation`).
     """
@@ -244,7 +247,7 @@ def refine_aberrations(
         if refine_defocus and regularisation_lambda > 0:
             rotation = np.exp(-1j * psi0)
             rotated = BandStatistics(**{**data.__dict__, "b_s": rotation * data.b_s, "b_c": rotation * data.b_c})
-            metric = regularisation_lambda * mean_fisher_metric(rotated, basis, x)
+            metric = regularisation_lambda * regularisation_metric(rotated, basis, x, regularised_components)
         terms.append(TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, fixed=not refine_defocus))
 
     wavelength = min(wavelength_angstrom[n] for n in names)

@@ -21,7 +21,10 @@ change ``x_g`` and ``I_mean`` the mean Fisher matrix of the tilts with data. ``l
 dimensionless and means the same whatever the box size, particle count or noise normalisation: a tilt
 with information ``I_f`` ends at ``(I_f x_own + lambda I_mean x_g) / (I_f + lambda I_mean)``;
 ``lambda = 1`` pulls every tilt towards the common value as strongly as the data of an average tilt pull
-it towards its own optimum. ``lambda = 0`` (default) fits every tilt independently.
+it towards its own optimum. ``lambda = 0`` (default) fits every tilt independently. By default only the
+astigmatism ``(a_c, a_s)`` is regularised (``regularised_components="astigmatism"``; the metric is then
+the astigmatism block of ``I_mean``): the mean defocus of a tilt really varies along a series (hundreds
+of Å) and pulling it together biases it, which is RELION's behaviour (``"all"``).
 
 Tilts without visible particles (or without signal) keep their input values, scale and defocus.
 """
@@ -132,6 +135,17 @@ def mean_fisher_metric(data: BandStatistics, basis: np.ndarray, change: np.ndarr
     return h[ok].mean(axis=0)
 
 
+def regularisation_metric(data: BandStatistics, basis: np.ndarray, change: np.ndarray, components: str = "astigmatism") -> np.ndarray:
+    """The penalty metric for ``lambda = 1``: the mean Fisher matrix, restricted to the astigmatism
+    block (mean defocus free, and uncorrelated with it) when ``components == "astigmatism"``."""
+    metric = mean_fisher_metric(data, basis, change)
+    if components == "astigmatism":
+        metric = metric.copy()
+        metric[0, :] = 0.0
+        metric[:, 0] = 0.0
+    return metric
+
+
 def refine_defocus(
     statistics: TiltStatistics,
     wavelength_angstrom: float,
@@ -148,6 +162,7 @@ def refine_defocus(
     odd_phase_rad: np.ndarray | None = None,
     input_scale=None,
     astigmatism_capture_angstrom: float = 1000.0,
+    regularised_components: str = "astigmatism",
 ) -> DefocusFit:
     """Refine the central defocus (and astigmatism) of every tilt of one tomogram.
 
@@ -167,6 +182,10 @@ def refine_defocus(
         Fit ``(dz, a_c, a_s)``; otherwise only ``dz``.
     regularisation_lambda : float
         Dimensionless strength of the pull towards a common change (module docstring); 0 = none.
+    regularised_components : {"astigmatism", "all"}
+        What the regularisation pulls together: only the astigmatism (default: a property of the
+        microscope, common to the tilts, while the mean defocus of a tilt really varies along the series)
+        or, as RELION does, the mean defocus as well.
     odd_phase_rad : ndarray (s, s//2+1) or None
         Current odd aberration phase (the statistics hold raw observations).
     input_scale : array_like (n_tilts,) or None
@@ -195,11 +214,13 @@ def refine_defocus(
     scan = defocus_scan(data, wavelength_angstrom, offsets)
     x = np.zeros((n, m))
     metric = None
-    if regularisation_lambda > 0:
+    if regularised_components not in ("astigmatism", "all"):
+        raise ValueError(f"regularised_components must be 'astigmatism' or 'all', got {regularised_components!r}")
+    if regularisation_lambda > 0 and (regularised_components == "all" or m == 3):
         j_common = int(np.argmin(scan[data.active].sum(axis=0))) if data.active.any() else 0
         common = np.zeros(m)
         common[0] = offsets[j_common]
-        metric = regularisation_lambda * mean_fisher_metric(data, basis, np.tile(common, (n, 1)))
+        metric = regularisation_lambda * regularisation_metric(data, basis, np.tile(common, (n, 1)), regularised_components)
         penalised = scan + 0.5 * metric[0, 0] * (offsets[None, :] - offsets[j_common]) ** 2
         x[:, 0] = offsets[np.argmin(penalised, axis=1)]
     else:

@@ -415,8 +415,11 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
     separable = n_global == 0
     xs = [t.x for t in terms]
     commons = [t.common for t in terms]
-    mu_tilt = [np.full(t.data.n_tilts, 1e-3) for t in terms]
-    mu_global = 1e-3
+    # Start as plain Gauss-Newton (the starts are close); damping grows only when a step fails, and a
+    # small step only counts as convergence when it was not held back by damping.
+    mu_tilt = [np.full(t.data.n_tilts, 1e-8) for t in terms]
+    mu_global = 1e-8
+    undamped = 1e-6
     converged = False
     iteration = 0
     for iteration in range(1, max_iterations + 1):
@@ -438,7 +441,7 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
                     better = (trial[i] <= current[i] + 1e-9 * np.abs(current[i])) & ~frozen[i]
                     xs[i][better] = trial_xs[i][better]
                     mu_tilt[i] = np.where(better, np.maximum(mu_tilt[i] * 0.3, 1e-9), np.where(frozen[i], mu_tilt[i], mu_tilt[i] * 10))
-                    size[i] = np.where(better | frozen[i], size[i], np.inf)
+                    size[i] = np.where((better & (mu_tilt[i] <= undamped)) | frozen[i], size[i], np.inf)
                 accepted_any = True
                 done = all(np.all(np.where(fz, 0.0, sz) < tolerance) for sz, fz in zip(size, frozen))
                 break
@@ -455,7 +458,7 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
                 size = sum(np.einsum("fa,fab,fb->", d, h, d) for d, h in zip(steps, blocks))
                 if n_global:
                     size += d_global @ h_global @ d_global
-                done = size < tolerance
+                done = size < tolerance and mu_global <= undamped
                 break
             if shared is not None:
                 shared.alpha, shared.beta = alpha, beta
