@@ -10,6 +10,7 @@ from tomoctfrefine.refine.scale import (
     fit_beer_lambert,
     fit_global_beer_lambert,
     fit_per_frame_scale,
+    scale_evidence,
     tilt_geometry,
 )
 
@@ -104,3 +105,21 @@ def test_scales_from_statistics_follow_beer_lambert():
     assert fit.luminance == pytest.approx(2.0, rel=0.05)
     assert fit.relative_ice_thickness == pytest.approx(0.5, abs=0.05)
     assert np.all(np.abs(fit.scale - truth) < 2 * defocus.scale_uncertainty)
+
+
+def test_scale_evidence_at_the_true_ctf_recovers_the_scale_and_marks_empty_tilts():
+    rng = np.random.default_rng(12)
+    n = 5
+    optics = Optics(300.0, 2.7, 0.1)
+    u = rng.uniform(20000, 24000, n)
+    truth = np.array([0.5, 1.0, 2.0, 1.0, 0.3])
+    stats, _ = simulate_statistics(
+        rng, optics=optics, box_size_px=32, pixel_size_angstrom=4.0, particles_per_tilt=[20, 20, 20, 0, 20],
+        true_u=u, true_v=u, true_angle=np.zeros(n), start_u=u, start_v=u, start_angle=np.zeros(n),
+        scale=truth, noise_sigma=1.0,
+    )
+    estimate, information = scale_evidence(stats)
+    assert information[3] == 0.0 and estimate[3] == 0.0
+    sd = 1 / np.sqrt(information[[0, 1, 2, 4]])
+    assert np.all(np.abs(estimate[[0, 1, 2, 4]] - truth[[0, 1, 2, 4]]) < 4 * sd)
+    assert np.all(sd < 0.05 * truth[[0, 1, 2, 4]])

@@ -100,6 +100,43 @@ def tilt_geometry(projection_matrices: np.ndarray) -> TiltGeometry:
     return TiltGeometry(beams, axis, p_hat, q_hat)
 
 
+def scale_evidence(
+    statistics,
+    *,
+    defocus_change_phase_rad=None,
+    odd_phase_rad=None,
+    band=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame scale estimates and their information at fixed phases (no defocus refinement).
+
+    Use this when the defocus is not refined; otherwise take ``DefocusFit.scale`` and
+    ``DefocusFit.scale_information``.
+
+    Parameters
+    ----------
+    statistics : TiltStatistics
+    defocus_change_phase_rad : ndarray (n_tilts, s, s//2+1) or None
+        Extra phase ``delta`` of each tilt relative to the statistics' CTF (None: the current CTF).
+    odd_phase_rad : ndarray (s, s//2+1) or None
+        Odd aberration phase (the statistics hold raw observations).
+    band : FrequencyBand or None
+        Default: 30 Å to the box corners.
+
+    Returns
+    -------
+    (estimate, information) : ndarrays (n_tilts,)
+        ``max(0, -S_R/S_P)`` and ``S_P`` (0 for tilts without particles; never NaN).
+    """
+    from .likelihood import BandStatistics, FrequencyBand, evaluate
+
+    data = BandStatistics.from_statistics(statistics, band or FrequencyBand())
+    delta = 0.0 if defocus_change_phase_rad is None else np.asarray(defocus_change_phase_rad)[:, data.pixel_y, data.pixel_x]
+    psi = None if odd_phase_rad is None else np.asarray(odd_phase_rad)[data.pixel_y, data.pixel_x]
+    ev = evaluate(data, delta, psi)
+    information = np.where(data.active, ev.s_p, 0.0)
+    return np.where(data.active, ev.scale, 0.0), information
+
+
 def _fallback(scale_estimate, scale_information, input_scale):
     n = len(scale_estimate)
     fallback = np.ones(n) if input_scale is None else np.asarray(input_scale, dtype=float).copy()
