@@ -112,3 +112,22 @@ def test_dose_weight_grant_grigorieff_and_bfactor():
     assert weights[1] > weights[2] > weights[3]
     np.testing.assert_allclose(dose_weight(30.0, k, bfactor_per_electron_dose_angstrom2=4.0), np.exp(-4.0 * 30.0 * k**2 / 4.0))
     np.testing.assert_allclose(dose_weight(0.0, k), 1.0)
+
+
+def test_eigen_decomposition_follows_relions_dsyev2_sign_convention():
+    # A = diag(-U, -V): RELION's dsyev2 returns the U axis as (-1, 0) when U < V, (0, 1) when U > V
+    u, v, angle = defocus_from_quadratic_form(*quadratic_form_from_defocus(20000.0, 21000.0, 0.0))
+    assert (u, v, abs(angle)) == pytest.approx((20000.0, 21000.0, 180.0))  # sign of a zero A_xy picks -180 as in C
+    assert defocus_from_quadratic_form(*quadratic_form_from_defocus(21000.0, 20000.0, 0.0)) == pytest.approx((20000.0, 21000.0, 90.0))
+    assert defocus_from_quadratic_form(*quadratic_form_from_defocus(5578.467, 33464.458, 297.184)) == pytest.approx((5578.467, 33464.458, 117.184))
+    assert defocus_from_quadratic_form(-20000.0, 0.0, -20000.0) == (20000.0, 20000.0, 0.0)
+
+
+def test_relion_written_defocus_triples_are_fixed_points():
+    """RELION 5.0.1's refined (U, V, angle) of the fixture come out of dsyev2, so they map to themselves."""
+    from tomoctfrefine.io.star import read_star
+
+    path = "/work/shared/fixtures/relion5_small/runs/defocus_scale_aberr/tilt_series/TS_01.star"
+    table = read_star(path).blocks["TS_01"]
+    for u, v, angle in zip(table["rlnDefocusU"], table["rlnDefocusV"], table["rlnDefocusAngle"]):
+        assert defocus_from_quadratic_form(*quadratic_form_from_defocus(u, v, angle)) == pytest.approx((u, v, angle), abs=1e-6)

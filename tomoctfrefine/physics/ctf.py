@@ -130,13 +130,36 @@ def defocus_from_quadratic_form(
 ) -> tuple[float, float, float]:
     """(U, V, angle_deg) from the symmetric matrix ``A = Q^T diag(-U,-V) Q``, RELION's way.
 
-    RELION takes the eigenvector of the *largest* eigenvalue as the U axis, so after refinement
-    ``U <= V`` and the angle lies in (-180, 180].
+    RELION diagonalises with Kopp's closed-form ``dsyev2`` and takes the eigenvector ``(cs, sn)`` of
+    the *largest* eigenvalue as the U axis, so after refinement ``U <= V`` and the angle
+    ``atan2(sn, cs)`` lies in (-180, 180]. The eigenvector's sign follows ``dsyev2`` (a generic
+    eigensolver returns the opposite sign, i.e. the angle +-180 deg, for about a third of inputs).
     """
-    eigenvalues, eigenvectors = np.linalg.eigh(np.array([[a_xx, a_xy], [a_xy, a_yy]], dtype=float))
-    largest, smallest = eigenvalues[1], eigenvalues[0]
-    axis = eigenvectors[:, 1]
-    return float(-largest), float(-smallest), float(np.rad2deg(np.arctan2(axis[1], axis[0])))
+    a, b, c = float(a_xx), float(a_xy), float(a_yy)
+    total, difference = a + c, a - c
+    root = float(np.sqrt(difference * difference + 4.0 * b * b))
+    if total > 0.0:
+        largest = 0.5 * (total + root)
+        smallest = (a / largest) * c - (b / largest) * b
+    elif total < 0.0:
+        smallest = 0.5 * (total - root)
+        largest = (a / smallest) * c - (b / smallest) * b
+    else:
+        largest, smallest = 0.5 * root, -0.5 * root
+    cs = difference + root if difference > 0.0 else difference - root
+    if abs(cs) > 2.0 * abs(b):
+        ratio = -2.0 * b / cs
+        sn = 1.0 / np.sqrt(1.0 + ratio * ratio)
+        cs = ratio * sn
+    elif b == 0.0:
+        cs, sn = 1.0, 0.0
+    else:
+        ratio = -0.5 * cs / b
+        cs = 1.0 / np.sqrt(1.0 + ratio * ratio)
+        sn = ratio * cs
+    if difference > 0.0:
+        cs, sn = -sn, cs
+    return float(-largest), float(-smallest), float(np.rad2deg(np.arctan2(sn, cs)))
 
 
 def quadratic_form_from_defocus(
