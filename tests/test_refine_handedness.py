@@ -4,6 +4,7 @@ import pytest
 from synthetic_tilt_statistics import simulate_statistics
 
 from tomoctfrefine.physics.ctf import Optics
+from tomoctfrefine.refine.defocus import refine_defocus
 from tomoctfrefine.refine.handedness import check_handedness
 
 OPTICS = Optics(300.0, 2.7, 0.1)
@@ -25,6 +26,9 @@ def _stats(true_hand, depth_sd, seed=6, n=16):
 def test_the_hand_of_the_data_is_named(true_hand, verdict):
     stats, su = _stats(true_hand, depth_sd=600.0)
     result = check_handedness(stats, OPTICS.wavelength_angstrom, su, su, np.zeros(len(su)))
+    fit = refine_defocus(stats, OPTICS.wavelength_angstrom, su, su, np.zeros(len(su)))
+    reused = check_handedness(stats, OPTICS.wavelength_angstrom, su, su, np.zeros(len(su)), input_fit=fit)
+    assert reused.log_likelihood_ratio == pytest.approx(result.log_likelihood_ratio, rel=1e-9)
     assert result.verdict == verdict
     assert abs(result.z_score) > 3 and abs(result.log_likelihood_ratio) > 10
     assert np.sign(result.log_likelihood_ratio) == true_hand

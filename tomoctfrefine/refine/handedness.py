@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..statistics import TiltStatistics
-from .defocus import refine_defocus
+from .defocus import DefocusFit, refine_defocus
 from .likelihood import BandStatistics, FrequencyBand
 
 
@@ -54,18 +54,23 @@ def check_handedness(
     threshold_nats: float = 10.0,
     z_threshold: float = 3.0,
     band: FrequencyBand = FrequencyBand(),
+    input_fit: DefocusFit | None = None,
     **refine_options,
 ) -> HandednessVerdict:
     """Compare the fit of the input hand with the fit of the opposite hand (module docstring).
 
-    ``refine_options`` are passed to :func:`~tomoctfrefine.refine.defocus.refine_defocus` for both.
+    ``refine_options`` are passed to :func:`~tomoctfrefine.refine.defocus.refine_defocus` for both;
+    ``input_fit``, the input hand's fit made with the same options and band, saves one of the two fits.
     Raises ValueError if the statistics have no ``flipped_hand``.
     """
     if statistics.flipped_hand is None:
         raise ValueError("the statistics were computed without the opposite hand (with_flipped_hand=False)")
     costs, refined = [], []
     for stats in (statistics, statistics.flipped_hand):
-        fit = refine_defocus(stats, wavelength_angstrom, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, band=band, **refine_options)
+        if stats is statistics and input_fit is not None:
+            fit = input_fit
+        else:
+            fit = refine_defocus(stats, wavelength_angstrom, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, band=band, **refine_options)
         constant = 0.5 * BandStatistics.from_statistics(stats, band).oo
         costs.append(fit.cost - constant)
         refined.append(fit.refined)

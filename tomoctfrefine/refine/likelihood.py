@@ -162,7 +162,7 @@ class Evaluation:
     fisher_psi: np.ndarray | None = None
 
 
-def evaluate(data: BandStatistics, delta, psi=None, derivatives: bool = False, fixed_scale=None) -> Evaluation:
+def evaluate(data: BandStatistics, delta, psi=None, derivatives: bool = False, fixed_scale=None, psi_derivatives: bool = True) -> Evaluation:
     """Evaluate the profiled cost ``J_f`` of every tilt at extra phase ``delta`` and odd phase ``psi``.
 
     Parameters
@@ -203,8 +203,9 @@ def evaluate(data: BandStatistics, delta, psi=None, derivatives: bool = False, f
         result.grad_delta = c * c * half_dp + c * dr
         result.fisher_delta = c * c * p_prime
         result.fisher_delta_scale = c * half_dp
-        result.grad_psi = c * (bs.imag * cos + bc.imag * sin)
-        result.fisher_psi = c * c * p
+        if psi_derivatives:
+            result.grad_psi = c * (bs.imag * cos + bc.imag * sin)
+            result.fisher_psi = c * c * p
     return result
 
 
@@ -318,7 +319,7 @@ def _system(terms, shared, xs, commons, layout):
     evaluations = []
     for term, x, common, offset in zip(terms, xs, commons, offsets):
         delta, psi = _phases(term, shared, x)
-        ev = evaluate(term.data, delta, psi, derivatives=True)
+        ev = evaluate(term.data, delta, psi, derivatives=True, psi_derivatives=n_odd > 0)
         evaluations.append(ev)
         basis = term.tilt_basis
         m = basis.shape[0]
