@@ -307,3 +307,12 @@ def test_fixture_particles_sit_at_the_box_centre(fixture_data):
     dx = 0.5 * (cc[y, x - 1] - cc[y, x + 1]) / (cc[y, x - 1] - 2 * cc[y, x] + cc[y, x + 1])
     dy = 0.5 * (cc[y - 1, x] - cc[y + 1, x]) / (cc[y - 1, x] - 2 * cc[y, x] + cc[y + 1, x])
     assert abs(dx) < 0.2 and abs(dy) < 0.2
+
+
+def test_box_noise_fraction_matches_white_noise_in_observed_boxes():
+    rng = np.random.default_rng(11)
+    image = rng.normal(0.0, 1.0, size=(600, 600)).astype(np.float32)
+    centres = rng.uniform(70, 530, size=(200, 2))
+    power = np.mean(np.abs(forward.observe(image, centres, 128)[:, 1:, 1:]) ** 2)
+    assert forward.box_noise_fraction(128) == pytest.approx(0.7107, abs=1e-4)
+    assert power == pytest.approx(forward.box_noise_fraction(128), rel=0.01)

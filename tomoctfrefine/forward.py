@@ -210,3 +210,25 @@ def row_range_mask(weights: np.ndarray, damping: np.ndarray, cutoff_fraction: fl
         last = np.where(good.any(axis=1), sh - 1 - np.argmax(good[:, ::-1], axis=1), -1)
         mask[f] = x[None, :] <= last[:, None]
     return mask
+
+
+def crop_circle_taper(box_size_px: int) -> np.ndarray:
+    """RELION's cropCircle weight of a box ``(s, s)``: 1 inside ``s/2 - 5``, cosine edge to 0 at ``s/2``
+    (centre ``(s/2, s/2)``)."""
+    s = box_size_px
+    yy, xx = np.mgrid[0:s, 0:s] - s / 2.0
+    r = np.hypot(xx, yy)
+    edge = np.where(r < s / 2.0, 0.5 - 0.5 * np.cos(np.pi * (s / 2.0 - r) / 5.0), 0.0)
+    return np.where(r < s / 2.0 - 5.0, 1.0, edge)
+
+
+def box_noise_fraction(box_size_px: int) -> float:
+    """Noise power of an observed (cropCircle-tapered) box relative to the tile periodogram that the
+    noise weights are made from: ``mean(taper^2)``, about ``pi/4`` (0.74 at s = 128).
+
+    White noise of power ``P`` per unitary Fourier pixel becomes ``P * box_noise_fraction(s)`` in
+    ``o``, so a likelihood or Cramér-Rao bound built on ``w = 1/P`` must divide ``w`` by it.
+    (The taper also correlates neighbouring Fourier pixels; the number of independent complex
+    values per box is about ``s^2 * box_noise_fraction / 2`` for the half plane.)
+    """
+    return float(np.mean(crop_circle_taper(box_size_px) ** 2))

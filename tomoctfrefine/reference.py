@@ -258,8 +258,8 @@ def noise_weights(tilt_images: np.ndarray, box_size_px: int, per_frame: bool = F
     inverse = np.empty((n_tilts, box_size_px, box_size_px // 2 + 1))
     for f in range(n_tilts):
         power = radial_average(periodogram_average(tilt_images[f], box_size_px))
-        with np.errstate(divide="ignore"):
-            inverse[f] = radial_expand(1.0 / power, box_size_px)
+        # RELION has no guard against P = 0 (inf weights); a shell without power gets weight 0
+        inverse[f] = radial_expand(np.divide(1.0, power, out=np.zeros_like(power), where=power > 0), box_size_px)
     if per_frame:
         return inverse
     positive = inverse > 0
