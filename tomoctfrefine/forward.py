@@ -226,9 +226,12 @@ def box_noise_fraction(box_size_px: int) -> float:
     """Noise power of an observed (cropCircle-tapered) box relative to the tile periodogram that the
     noise weights are made from: ``mean(taper^2)``, about ``pi/4`` (0.74 at s = 128).
 
-    White noise of power ``P`` per unitary Fourier pixel becomes ``P * box_noise_fraction(s)`` in
-    ``o``, so a likelihood or Cramér-Rao bound built on ``w = 1/P`` must divide ``w`` by it.
-    (The taper also correlates neighbouring Fourier pixels; the number of independent complex
-    values per box is about ``s^2 * box_noise_fraction / 2`` for the half plane.)
+    White noise of power ``P`` per unitary Fourier pixel has power ``P * box_noise_fraction(s)`` per
+    pixel of ``o`` (so ``E[w |o|^2] = box_noise_fraction`` for pure noise: expect that in residual
+    checks). The taper also correlates neighbouring Fourier pixels; for a signal inside the circle the
+    two effects cancel, and ``w = 1/P`` used as if pixels were independent gives the right Fisher
+    information (real space: the data are the unit-weight pixels inside the circle). Signal that
+    the CTF delocalises beyond ``s/2`` is lost to the taper (the fixture's scale drops by 17 % at
+    box 64, 3.3 µm defocus, but not at 96 or more).
     """
     return float(np.mean(crop_circle_taper(box_size_px) ** 2))
