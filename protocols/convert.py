@@ -355,11 +355,13 @@ def _column(table: pd.DataFrame, name: str, default=None):
     return None if default is None else np.full(len(table), default, dtype=float)
 
 
-def read_tilt_series_ctfs(tomograms_star, tilt_order: dict | None = None) -> dict[str, TiltSeriesCtf]:
+def read_tilt_series_ctfs(tomograms_star, tilt_order: dict | None = None, summary: dict | None = None) -> dict[str, TiltSeriesCtf]:
     """tsId -> refined per-tilt CTF, read from a RELION-5 ``tomograms.star`` and its per-tilt files.
 
     Rows are matched to acquisition orders with ``tilt_order`` (written at conversion) when given,
-    else by pre-exposure rank (the dose of a tilt grows with its acquisition order).
+    else by pre-exposure rank (the dose of a tilt grows with its acquisition order). The defocus
+    uncertainty (1 sigma, Å) comes from the engine's ``summary.json`` (``summary["tomograms"][tsId]
+    ["defocus_uncertainty_angstrom"]``, in table order) when given.
     """
     tomograms_star = Path(tomograms_star)
     global_table = read_star(tomograms_star).blocks["global"]
@@ -379,12 +381,16 @@ def read_tilt_series_ctfs(tomograms_star, tilt_order: dict | None = None) -> dic
         shifts = None
         if "rlnTomoXShiftAngst" in table:
             shifts = np.stack([_column(table, "rlnTomoXShiftAngst"), _column(table, "rlnTomoYShiftAngst")], axis=1)
+        sigma = _column(table, "rlnDefocusUncertainty") if "rlnDefocusUncertainty" in table else None
+        summary_sigma = ((summary or {}).get("tomograms", {}).get(ts_id, {}) or {}).get("defocus_uncertainty_angstrom")
+        if summary_sigma is not None and len(summary_sigma) == len(table):
+            sigma = np.asarray(summary_sigma, dtype=float)
         result[ts_id] = TiltSeriesCtf(
             ts_id=ts_id, acquisition_order=orders,
             tilt_angle_deg=_column(table, "rlnTomoNominalStageTiltAngle", np.nan) if "rlnTomoNominalStageTiltAngle" in table else _column(table, "rlnTomoYTilt", np.nan),
             defocus_u_angstrom=_column(table, "rlnDefocusU"), defocus_v_angstrom=_column(table, "rlnDefocusV"),
             defocus_angle_deg=_column(table, "rlnDefocusAngle"), ctf_scale=_column(table, "rlnCtfScalefactor", 1.0),
-            defocus_sigma_angstrom=_column(table, "rlnDefocusUncertainty") if "rlnDefocusUncertainty" in table else None,
+            defocus_sigma_angstrom=sigma,
             x_tilt_deg=_column(table, "rlnTomoXTilt", 0.0), y_tilt_deg=_column(table, "rlnTomoYTilt"), z_rot_deg=_column(table, "rlnTomoZRot"),
             shift_angstrom=shifts, pre_exposure=pre,
         )

@@ -271,7 +271,9 @@ class ProtTomoCtfRefine(EMProtocol):
         if ctf_set is not None and tomograms_star is not None:
             order_file = Path(self.inputDir()) / convert.TILT_ORDER_FILE
             tilt_order = json.loads(order_file.read_text()) if order_file.exists() else None
-            refined = convert.read_tilt_series_ctfs(tomograms_star, tilt_order)
+            summary_file = out_dir / "summary.json"
+            summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+            refined = convert.read_tilt_series_ctfs(tomograms_star, tilt_order, summary)
             ts_pointer = self.inputTiltSeries if self.inputTiltSeries.get() is not None else None
             ctfs, updated = convert.refined_ctf_set(self._getPath(), ctf_set, refined, ts_pointer)
             self.info(f"{updated} tilt CTFs refined in {len(refined)} tilt series")

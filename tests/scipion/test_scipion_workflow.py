@@ -258,6 +258,9 @@ def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
                                         .replace("tilt_series/TS_01.mrc", f"{relion}/tilt_series/TS_01.mrc"))
     opt = (out / "optimisation_set.star").read_text()
     (out / "optimisation_set.star").write_text(opt.replace("runs/defocus_scale_aberr/", f"{out}/"))
+    # The engine's summary.json carries the per-tilt defocus uncertainty, in table order.
+    (out / "summary.json").write_text(json.dumps(
+        {"tomograms": {"TS_01": {"defocus_uncertainty_angstrom": [10.0 * (i + 1) for i in range(13)]}}}))
     protocol.registerOutputs(str(out))
     project["project"].saveProtocol(protocol)
 
@@ -278,6 +281,7 @@ def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
                 quadratic_form_from_defocus(ctf.getDefocusU(), ctf.getDefocusV(), ctf.getDefocusAngle()),
                 quadratic_form_from_defocus(row["rlnDefocusU"], row["rlnDefocusV"], row["rlnDefocusAngle"]), atol=1e-2)
             assert ctf._ctfScale.get() == pytest.approx(row["rlnCtfScalefactor"], rel=1e-6)
+            assert ctf._defocusUncertainty.get() == 10.0 * (row_of[ctf.getAcquisitionOrder()] + 1)
             n += 1
     assert n == 13
     coords = protocol.coordinates
@@ -289,8 +293,10 @@ def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
 
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
 def test_full_run_refines_defocus_towards_truth(project):
-    protocol = _refine_protocol(project, None, doDefocusReg=True)
+    protocol = _refine_protocol(project, None, doDefocusReg=True, numberOfMpi=2)
     _launch(project["project"], protocol)
+    log = Path(protocol.getLogPaths()[0]).read_text()
+    assert "mpirun -np 2" in log and "engine_step prepare" in log  # the statistics step ran on 2 MPI ranks
     truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())["tomograms"]["TS_01"]
     true_by_dose = {t["pre_exposure"]: 0.5 * (t["dfu"] + t["dfv"]) for t in truth}
     start_by_dose = {t["pre_exposure"]: 0.5 * (t["start_dfu"] + t["start_dfv"]) for t in truth}
@@ -306,6 +312,7 @@ def test_full_run_refines_defocus_towards_truth(project):
     rms_before = float(np.sqrt(np.mean(np.square(errors_before))))
     # RELION 5.0.1 reaches 309 Å RMS on this dataset from 881 Å; we must do at least as well.
     assert rms_before == pytest.approx(881, abs=5)
+    print(f"full run: mean-defocus RMS error {rms_before:.0f} Å -> {rms_after:.0f} Å (RELION 5.0.1: 309 Å)")
     assert rms_after < 309, (rms_before, rms_after)
     assert protocol.coordinates.getSize() == 30
 
@@ -327,7 +334,7 @@ def test_stop_after_prepare_then_continue_skips_finished_steps(project):
         time.sleep(0.05)
     assert "prepareStep" in finished, "prepare did not finish in time"
     proj.stopProtocol(protocol)
-    assert protocol.isAborted() or protocol.isFinished()
+    assert protocol.isAborted()
     statistics = sorted(Path(protocol.outDir()).rglob("*.npz"))
     assert statistics, "prepare wrote no statistics"
     written = {path: path.stat().st_mtime_ns for path in statistics}
