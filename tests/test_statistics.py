@@ -138,6 +138,56 @@ def test_fixture_scale_at_the_true_ctf_matches_the_truth_without_a_box_factor(fi
     scale = -stats.b_s.real.sum(axis=(1, 2)) / stats.a_ss.sum(axis=(1, 2))
     factor = np.sum(scale * d["scale"]) / np.sum(d["scale"] ** 2)
     rms = np.sqrt(np.mean((scale / factor / d["scale"] - 1) ** 2))
-    # measured: box 96 factor 0.994, rms 2.6 %; box 128 factor 1.004, rms 3.0 % (RELION 5: factor sqrt(128), rms 4.3 %)
-    assert factor == pytest.approx(1.0, abs=0.03)
+    # measured: box 96 factor 0.975, rms 2.6 %; box 128 factor 0.984, rms 3.0 % (RELION 5: factor sqrt(128), rms 4.3 %).
+    # The fixture's external simulator normalises its projections ~2 % differently from ours (our own
+    # simulator gives 1.000, test below); the point here is the absence of a box factor.
+    assert 0.95 < factor < 1.03
     assert rms < 0.045
+
+
+@pytest.fixture(scope="module")
+def single_particle_simulation(tmp_path_factory):
+    """The project's simulator (independent rendering of pseudo-atoms into tilt images) with one particle,
+    so that no neighbour shares its box; noisy and noiseless stacks."""
+    from tomoctfrefine.io.maps import memmap_stack
+    from tomoctfrefine.simulate import SimulationParameters, simulate_dataset
+
+    out = tmp_path_factory.mktemp("simulated")
+    simulate_dataset(out, SimulationParameters(seed=3, particles_per_tomogram=1, write_noiseless=True, snr=0.5,
+                                               even_zernike=(0, 0, 0, 0, 0, 0, 0, 0, 300.0)))
+    tomo = tomogram(read_tomogram_set(out / "truth" / "tomograms_true.star"), "TS_01")
+    pset = read_particle_set(out / "truth" / "particles_true.star")
+    rows = particles_of(pset, "TS_01")
+    maps = [read_map(out / "ref" / name)[0] for name in ("half1.mrc", "half2.mrc", "mask.mrc")]
+    truth = json.loads((out / "truth" / "truth.json").read_text())
+    noisy = load_tilt_images(tomo)
+    clean = np.asarray(memmap_stack(out / "truth" / "tilt_series" / "TS_01_noiseless.mrc"), dtype=np.float32)
+    s = 160
+    refs = reference.prepare_references(*maps, s, read_map(out / "ref" / "half1.mrc")[1])
+    weights = reference.noise_weights(noisy, s) * reference.frequency_cutoff_weight(refs)
+    args = (particle_positions_px(pset, rows, tomo), particle_rotations(pset, rows), half_sets(pset, rows), refs, weights,
+            optics_zernike(pset, 1)[0])
+    return dict(clean=compute_statistics(tomo, clean, *args), noisy=compute_statistics(tomo, noisy, *args),
+                scale=np.array([t["scale"] for t in truth["tomograms"]["TS_01"]]), s=s, pixel=tomo.pixel_size_angstrom)
+
+
+def test_simulated_noiseless_images_equal_the_prediction(single_particle_simulation):
+    d = single_particle_simulation
+    clean = d["clean"]
+    scale = -clean.b_s.real.sum(axis=(1, 2)) / clean.a_ss.sum(axis=(1, 2))
+    # measured 1.020 for every tilt before the prediction carried presharpening's 1.02; now 1.000
+    np.testing.assert_allclose(scale / d["scale"], 1.0, atol=0.005)
+    radius = reference.radius_px(d["s"]) / (d["s"] * d["pixel"])
+    for low in np.arange(0.0, 0.2, 0.025):  # 1/Å; measured >= 0.987 in every shell up to 0.2
+        band = (radius >= low) & (radius < low + 0.025)
+        correlation = -clean.b_s.real[:, band].sum() / np.sqrt(clean.a_ss[:, band].sum() * clean.oo[:, band].sum())
+        assert correlation > 0.98
+
+
+def test_simulated_noisy_images_reach_the_correlation_the_noise_allows(single_particle_simulation):
+    d = single_particle_simulation
+    correlation = {k: -st.b_s.real.sum() / np.sqrt(st.a_ss.sum() * st.oo.sum()) for k, st in d.items() if k in ("clean", "noisy")}
+    allowed = correlation["clean"] * np.sqrt(d["clean"].oo.sum() / d["noisy"].oo.sum())
+    assert correlation["noisy"] == pytest.approx(allowed, abs=0.01)
+    scale = -d["noisy"].b_s.real.sum(axis=(1, 2)) / d["noisy"].a_ss.sum(axis=(1, 2))
+    assert np.sqrt(np.mean((scale / d["scale"] - 1) ** 2)) < 0.03

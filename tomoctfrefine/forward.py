@@ -1,10 +1,12 @@
 """Forward model of one tomogram: where each particle projects, what its box shows, what it should show.
 
-Normalisation: a prediction is ``sqrt(s) * D_f(k) * F_h(M^T k)`` where ``F_h`` is the unitary 3D FT of
-the prepared half map (:mod:`tomoctfrefine.reference`) and ``D_f`` the dose weight. The factor
-``sqrt(s)`` makes it equal to the unitary 2D FT of the projection of the map (sum along the beam), so
-the contrast scale fitted against observations is box-independent. RELION omits this factor, so
-its ``rlnCtfScalefactor`` is ``sqrt(s)`` times ours for the same data.
+Normalisation: a prediction is ``g sqrt(s) D_f(k) F_h(M^T k)`` where ``F_h`` is the unitary 3D FT of
+the prepared half map (:mod:`tomoctfrefine.reference`), ``D_f`` the dose weight and ``g = 1.02``. The
+factor ``sqrt(s)`` makes it the unitary 2D FT of the projection of the map (sum along the beam), and
+``g`` undoes the ``1/(1 + 0.02)`` that RELION's presharpening leaves near the particle centre, so the
+contrast scale fitted against observations is the scale of the images relative to the map's
+projection, independent of the box (checked against the project's simulator: 1.000 at boxes 160 and
+224). RELION omits both factors: its ``rlnCtfScalefactor`` is ``sqrt(s)/1.02`` times ours.
 
 Contrast: raw tilt images show density dark, so the observation model is
 ``o ~ -c * CTF * prediction = c * sin(gamma) * prediction`` (spec pitfall 1); :func:`predict` returns
@@ -28,6 +30,14 @@ from .physics.dose import dose_weight
 from .physics.geometry import depth_defocus_offset_angstrom, fourier_grid_per_angstrom, project, visible
 from .physics.zernike import even_phase_rad
 from .reference import PreparedReferences
+
+
+def prediction_normalisation(box_size_px: int) -> float:
+    """``1.02 sqrt(s)``: turns a central slice of the prepared unitary 3D FT into the unitary 2D FT of
+    the projection (see the module docstring)."""
+    from .reference import PRESHARPEN_EPSILON
+
+    return float(np.sqrt(box_size_px) * (1.0 + PRESHARPEN_EPSILON))
 
 
 def image_positions_px(tomogram, positions_px: np.ndarray, trajectory_shifts_angstrom: np.ndarray | None = None) -> np.ndarray:
@@ -168,7 +178,7 @@ def predict(
     positions_px: np.ndarray | None = None,
     box_size_px: int | None = None,
 ) -> np.ndarray:
-    """CTF-free, dose-weighted predictions ``sqrt(s) D_f F_h(M^T k)`` of every particle in every tilt,
+    """CTF-free, dose-weighted predictions ``1.02 sqrt(s) D_f F_h(M^T k)`` of every particle in every tilt,
     ``(n_particles, n_tilts, s, s//2+1)`` complex64, centred at the origin.
 
     Equal to the unitary 2D FT of the (dose-filtered) projection of the particle's own half map, so a
@@ -187,7 +197,7 @@ def predict(
                            float(references.max_radius_px) ** 2, out)
     out = out.reshape(n_particles, n_tilts, s, s // 2 + 1)
     damping = tilt_damping(tomogram, s)
-    out *= (np.sqrt(s) * damping[None]).astype(np.float32)
+    out *= (prediction_normalisation(s) * damping[None]).astype(np.float32)
     return out
 
 

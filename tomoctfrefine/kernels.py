@@ -180,8 +180,8 @@ def accumulate_tilt_statistics(
 
     For every pixel with ``weight > 0`` and particle ``i``:
     ``q = prediction_factor * dose * slice_i`` (``slice_i = F_h(M_i^T k)`` from :func:`central_slices`;
-    ``prediction_factor = -sqrt(s)``: unitary 2D FT of the projection, with the contrast inversion of
-    raw images), ``o`` = observation shifted by the
+    ``prediction_factor = -1.02 sqrt(s)``: unitary 2D FT of the projection, with the contrast inversion
+    of raw images), ``o`` = observation shifted by the
     sub-pixel offset, ``gamma_i = gamma - depth_phase_i |k|^2`` (the particle's depth defocus);
     the flipped-hand statistics use ``gamma + depth_phase_i |k|^2``.
 
@@ -377,3 +377,59 @@ def backproject_slices(slices_fs, slice_weights, inverse_transposed, half_index,
                     c = 1.0 - abs(depth)
                     data_fs[h, z, y, x] += c * _bilinear_half_complex(slices_fs[j], px, py)
                     weight_fs[h, z, y, x] += c * _bilinear_half_real(slice_weights[j], px, py)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement: the profiled per-tilt likelihood (tomoctfrefine.refine.likelihood.evaluate)
+
+
+@njit(cache=True, parallel=True)
+def profiled_likelihood_terms(
+    a_ss, a_sc, a_cc, b_s, b_c, delta, psi_cos, psi_sin, fixed_scale, use_fixed_scale, derivatives, psi_derivatives,
+    s_p, s_r, scale, grad_delta, fisher_delta, fisher_delta_scale, grad_psi, fisher_psi,
+):
+    """Per tilt ``f`` (rows) and band pixel ``k`` (columns), with ``e = (cos delta, sin delta)`` and
+    ``b`` rotated by ``exp(-i psi)``: ``S_P = sum e^T A e``, ``S_R = sum Re(e^T b)``, the scale
+    ``max(0, -S_R/S_P)`` (or ``fixed_scale``) and, if ``derivatives``, the per-pixel gradient and
+    Gauss-Newton curvatures of ``1/2 (c^2 e^T A e + 2 c Re e^T b)`` (see refine.likelihood)."""
+    n_tilts, n_pixels = a_ss.shape
+    for f in prange(n_tilts):
+        sp = 0.0
+        sr = 0.0
+        for k in range(n_pixels):
+            c = np.cos(delta[f, k])
+            s = np.sin(delta[f, k])
+            bs_re = psi_cos[k] * b_s[f, k].real + psi_sin[k] * b_s[f, k].imag
+            bc_re = psi_cos[k] * b_c[f, k].real + psi_sin[k] * b_c[f, k].imag
+            sp += a_ss[f, k] * c * c + 2.0 * a_sc[f, k] * c * s + a_cc[f, k] * s * s
+            sr += bs_re * c + bc_re * s
+        s_p[f] = sp
+        s_r[f] = sr
+        if use_fixed_scale:
+            cf = fixed_scale[f]
+        elif sp > 0.0 and sr < 0.0:
+            cf = -sr / sp
+        else:
+            cf = 0.0
+        scale[f] = cf
+        if not derivatives:
+            continue
+        for k in range(n_pixels):
+            c = np.cos(delta[f, k])
+            s = np.sin(delta[f, k])
+            ass = a_ss[f, k]
+            asc = a_sc[f, k]
+            acc = a_cc[f, k]
+            bs_re = psi_cos[k] * b_s[f, k].real + psi_sin[k] * b_s[f, k].imag
+            bc_re = psi_cos[k] * b_c[f, k].real + psi_sin[k] * b_c[f, k].imag
+            half_dp = asc * (c * c - s * s) + (acc - ass) * c * s
+            p_prime = ass * s * s - 2.0 * asc * c * s + acc * c * c
+            dr = -bs_re * s + bc_re * c
+            grad_delta[f, k] = cf * cf * half_dp + cf * dr
+            fisher_delta[f, k] = cf * cf * p_prime
+            fisher_delta_scale[f, k] = cf * half_dp
+            if psi_derivatives:
+                bs_im = psi_cos[k] * b_s[f, k].imag - psi_sin[k] * b_s[f, k].real
+                bc_im = psi_cos[k] * b_c[f, k].imag - psi_sin[k] * b_c[f, k].real
+                grad_psi[f, k] = cf * (bs_im * c + bc_im * s)
+                fisher_psi[f, k] = cf * cf * (ass * c * c + 2.0 * asc * c * s + acc * s * s)

@@ -97,6 +97,11 @@ def taper_volume(volume: np.ndarray, edge_width_px: float = 10.0, *, in_place: b
     return out
 
 
+#: RELION's regulariser in the presharpening divisor ``sinc² + 0.02``; it leaves every slice
+#: ``1/(1 + 0.02)`` too weak near the particle centre, which :mod:`tomoctfrefine.forward` undoes.
+PRESHARPEN_EPSILON = 0.02
+
+
 def presharpen(volume: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Divide by ``sinc²(r/s) + 0.02`` (pre-compensates trilinear interpolation in Fourier space).
 
@@ -105,7 +110,7 @@ def presharpen(volume: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     out = volume if in_place else volume.copy()
     s = out.shape[0]
     for z in range(s):
-        out[z] = out[z] / (np.sinc(_slice_radius(s, z) / s) ** 2 + 0.02)
+        out[z] = out[z] / (np.sinc(_slice_radius(s, z) / s) ** 2 + PRESHARPEN_EPSILON)
     out[s // 2, s // 2, s // 2] = 0.0
     return out
 

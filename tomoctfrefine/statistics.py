@@ -5,8 +5,9 @@ indexed ``[y, x]``), summed over the particles ``i`` visible in that tilt:
 
 * ``q_ik``: the CTF-free, dose-weighted prediction of particle i (central slice of its own half map,
   normalised so that a true projection has scale 1, i.e. box-independent) *with the contrast
-  inversion of raw tilt images*: ``q = -sqrt(s) D F_h(M^T k) = -forward.predict(...)`` (RELION's
+  inversion of raw tilt images*: ``q = -1.02 sqrt(s) D F_h(M^T k) = -forward.predict(...)`` (RELION's
   accumulators use the same sign, ``q = -c_f D F_h``), so that the fitted scale ``c`` is positive;
+  RELION's ``rlnCtfScalefactor`` for the same data is ``sqrt(s)/1.02`` times the fitted ``c``;
 * ``gamma_ik``: the CTF phase of particle i at the *current* parameters (tilt's central defocus plus the
   particle's depth offset, current even aberrations, amplitude contrast, phase shift);
 * ``o_ik``: the observed box (raw: odd aberrations are *not* removed, so that they can be fitted);
@@ -179,7 +180,7 @@ def compute_statistics(
     freq_unit2 = 1.0 / (s * tomogram.pixel_size_angstrom) ** 2
     radius2 = radius_px(s) ** 2
     max_radius2 = float(references.max_radius_px) ** 2
-    factor = -np.sqrt(s)
+    factor = -forward.prediction_normalisation(s)
 
     stats = _empty_like_statistics(n_tilts, s)
     flipped = _empty_like_statistics(n_tilts, s) if with_flipped_hand else None
