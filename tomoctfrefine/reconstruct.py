@@ -6,18 +6,21 @@ the same observations as the refinement), multiplied by ``-CTF * D`` (tilt image
 ``CTF`` with the particle's depth-dependent defocus, scale, B-factor and even aberrations, ``D`` the dose
 weight) and by ``exp(-i chi_odd)``, and inserted as a central slice into the 3D Fourier accumulator of its
 half set; ``(CTF D)^2`` is accumulated likewise. The half maps are then gridding-corrected, divided by the
-accumulated weight (RELION's heuristic floor of 0.001 x the shell average, or a Wiener constant 1/SNR),
-cropped and tapered. Maps have the particle centre at voxel ``s/2`` and RELION's hand, orientation and
-contrast (pinned by ``tests/test_reconstruct.py`` against RELION 5's own reconstruction of the fixture).
+accumulated weight, cropped and tapered. The division is regularised either as RELION does it (a floor of
+0.001 x the shell average: RELION's maps, the default of :func:`reconstruct`), with a Wiener term
+``sigma^2/tau^2`` estimated per shell from the two half sets (better when Fourier space is sparsely
+sampled; the default of ``assess``), or with a constant ``1/SNR`` (RELION's ``--SNR``). Maps have the
+particle centre at voxel ``s/2`` and RELION's hand, orientation, contrast and amplitude (pinned by
+``tests/test_reconstruct.py`` against RELION 5's own reconstruction of the fixture).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import forward
 from .errors import InputError, Problem
 from .io.maps import write_map
 from .io.optimisation_set import OptimisationSet
@@ -34,7 +37,6 @@ from .io.particles import (
 from .io.tomograms import load_tilt_images, read_tomogram_set, tomogram, tomogram_names
 from .io.trajectories import read_trajectories
 from .kernels import backproject_slices
-from . import forward
 from .physics.dose import dose_weight
 from .physics.geometry import fourier_grid_per_angstrom
 from .physics.zernike import odd_phase_rad
@@ -253,8 +255,9 @@ def wiener_regulariser(data_fs: np.ndarray, weight_fs: np.ndarray, well_sampled_
     ``V_h = D_h / W_h`` give ``tau^2 = <Re V_1 conj V_2>`` (signal power) and
     ``sigma^2 = <|V_1 - V_2|^2 / (1/W_1 + 1/W_2)>`` (noise power of one observation), averaged over the
     shell's voxels whose weights both exceed ``well_sampled_fraction`` of the shell average. Dividing by
-    ``W + sigma^2/tau^2`` is then the Wiener (MAP) estimate; shells without signal (``tau^2 <= 0``) get
-    ``inf`` (zeroed).
+    ``W + sigma^2/tau^2`` is then the Wiener (MAP) estimate. From the first shell without measurable signal
+    (``tau^2 <= 0``) on, the term is at least that of the last shell with signal (finite, so no shell is
+    zeroed and the FSC stays defined there); ``inf`` beyond Nyquist.
     """
     s = weight_fs.shape[1]
     shells = np.rint(_radius_3d(s)).astype(np.int64)
@@ -272,8 +275,15 @@ def wiener_regulariser(data_fs: np.ndarray, weight_fs: np.ndarray, well_sampled_
     n = np.bincount(shells[good], minlength=count + s)[:count]
     tau2 = np.bincount(shells[good], weights=cross[good], minlength=count + s)[:count] / np.maximum(n, 1)
     sigma2 = np.bincount(shells[good], weights=noise[good], minlength=count + s)[:count] / np.maximum(n, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where((tau2 > 0) & (n > 0), sigma2 / np.where(tau2 > 0, tau2, 1.0), np.inf)
+    valid = (tau2 > 0) & (n > 0)
+    ratio = np.where(valid, sigma2 / np.where(valid, tau2, 1.0), np.inf)
+    # Beyond the first shell without measurable signal, keep damping at least as strongly as there, but
+    # never zero a shell: a zeroed shell has no FSC, and its masked FSC is only leakage from its neighbours.
+    first_invalid = next((k for k in range(1, count) if not valid[k]), count)
+    if 1 < first_invalid < count:
+        floor = ratio[first_invalid - 1]
+        tail = ratio[first_invalid:]
+        ratio[first_invalid:] = np.where(np.isfinite(tail), np.maximum(tail, floor), floor)
     return np.concatenate([ratio, np.full(s, np.inf)])[shells]
 
 
