@@ -95,9 +95,9 @@ class TiltStatistics:
             return cls(**{n: data[n] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common, flipped_hand=flipped)
 
 
-def _empty_like_statistics(n_tilts: int, box_size_px: int) -> dict:
+def _empty_like_statistics(n_tilts: int, box_size_px: int, with_oo: bool = True) -> dict:
     shape = (n_tilts, box_size_px, box_size_px // 2 + 1)
-    real = {name: np.zeros(shape) for name in ("a_ss", "a_sc", "a_cc", "oo")}
+    real = {name: np.zeros(shape) for name in ("a_ss", "a_sc", "a_cc") + (("oo",) if with_oo else ())}
     complex_ = {name: np.zeros(shape, dtype=np.complex128) for name in ("b_s", "b_c")}
     return {**real, **complex_}
 
@@ -167,6 +167,8 @@ def compute_statistics(
     s = references.box_size_px
     sh = s // 2 + 1
     n_tilts = len(tomogram.projection_matrices)
+    if np.shape(weights)[-2:] != (s, sh):
+        raise ValueError(f"weights have shape {np.shape(weights)}, the references' box {s} needs (..., {s}, {sh})")
     weights = np.broadcast_to(np.asarray(weights), (n_tilts, s, sh))
     positions_px = np.asarray(positions_px, dtype=float)
     image_positions = forward.image_positions_px(tomogram, positions_px, trajectory_shifts_angstrom)
@@ -183,7 +185,7 @@ def compute_statistics(
     factor = -forward.prediction_normalisation(s)
 
     stats = _empty_like_statistics(n_tilts, s)
-    flipped = _empty_like_statistics(n_tilts, s) if with_flipped_hand else None
+    flipped = _empty_like_statistics(n_tilts, s, with_oo=False) if with_flipped_hand else None
     dummy_real = np.zeros((1, 1))
     dummy_complex = np.zeros((1, 1), dtype=np.complex128)
     chunk = max(1, int(chunk_megabytes * 2**20 / (s * s * 4 + 2 * s * sh * 8)))
@@ -206,7 +208,6 @@ def compute_statistics(
             kernels.extract_boxes(image, origins, boxes)
             spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
             del boxes
-            flip = flipped if flipped is not None else None
             slices = np.empty_like(spectra)
             kernels.central_slices(references.half_maps_ft, halves[batch], np.ascontiguousarray(matrices[batch, f]),
                                    min(max_radius2, support2), slices)
@@ -220,13 +221,13 @@ def compute_statistics(
                 damping,
                 weight,
                 factor,
-                flip is not None,
+                flipped is not None,
                 stats["a_ss"][f], stats["a_sc"][f], stats["a_cc"][f], stats["b_s"][f], stats["b_c"][f], stats["oo"][f],
-                flip["a_ss"][f] if flip else dummy_real,
-                flip["a_sc"][f] if flip else dummy_real,
-                flip["a_cc"][f] if flip else dummy_real,
-                flip["b_s"][f] if flip else dummy_complex,
-                flip["b_c"][f] if flip else dummy_complex,
+                flipped["a_ss"][f] if flipped else dummy_real,
+                flipped["a_sc"][f] if flipped else dummy_real,
+                flipped["a_cc"][f] if flipped else dummy_real,
+                flipped["b_s"][f] if flipped else dummy_complex,
+                flipped["b_c"][f] if flipped else dummy_complex,
             )
     common = dict(particle_count=counts, box_size_px=s, pixel_size_angstrom=float(tomogram.pixel_size_angstrom))
     flipped_stats = None
