@@ -221,13 +221,21 @@ def shell_average_linear(values_fs: np.ndarray) -> np.ndarray:
 
 
 def divide_by_weight(
-    volume: np.ndarray, weight_fs: np.ndarray, snr: float | None = None, regulariser_fs: np.ndarray | None = None
+    volume: np.ndarray,
+    weight_fs: np.ndarray,
+    snr: float | None = None,
+    regulariser_fs: np.ndarray | None = None,
+    unit_shell_gain: bool = False,
 ) -> np.ndarray:
     """CTF correction of a gridding-corrected map.
 
     ``F / (W + 1/SNR)`` when ``snr`` is given (RELION's ``--SNR``); ``F / (W + R)`` with a per-voxel
     regulariser ``R`` (e.g. :func:`wiener_regulariser`; ``inf`` zeroes a voxel); else RELION's heuristic
     ``F / max(W, 0.001 <W>_shell)``. Shells at radius ``>= s/2`` are zeroed in every case.
+    With ``unit_shell_gain`` (regulariser only), each shell is divided by its mean gain
+    ``<W / (W + R)>``: the per-voxel inverse-variance weighting is kept but the shell is not damped, as
+    unfiltered half maps must be for an FSC (a damped shell's masked FSC is mask leakage from its
+    neighbours) and for use as references.
     """
     s = volume.shape[0]
     transform = np.fft.rfftn(volume, norm="ortho")
@@ -245,6 +253,14 @@ def divide_by_weight(
         divisor = np.maximum(weight_fs, HEURISTIC_WEIGHT_FRACTION * shell)
     usable = inside & (divisor > 0) & np.isfinite(divisor)
     transform = np.where(usable, transform / np.where(usable, divisor, 1.0), 0.0)
+    if unit_shell_gain and regulariser_fs is not None and not (snr is not None and snr > 0):
+        shells = np.rint(radius).astype(np.int64).ravel()
+        gain = np.where(usable, weight_fs / np.where(usable, divisor, 1.0), 0.0).ravel()
+        total = np.bincount(shells, weights=gain, minlength=s + 1)
+        count = np.bincount(shells, weights=usable.ravel().astype(float), minlength=s + 1)
+        mean_gain = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        shell_gain = mean_gain[shells].reshape(transform.shape)
+        transform = np.where(shell_gain > 0, transform / np.where(shell_gain > 0, shell_gain, 1.0), 0.0)
     return np.fft.irfftn(transform, s=volume.shape, norm="ortho")
 
 
@@ -313,9 +329,10 @@ def finalise_map(
     snr: float | None = None,
     taper_px: float = TAPER_PX,
     regulariser_fs: np.ndarray | None = None,
+    unit_shell_gain: bool = False,
 ) -> np.ndarray:
     """Gridding correction, CTF correction, crop and taper of one accumulated half (or their sum)."""
-    volume = divide_by_weight(gridding_correct(data_fs), weight_fs, snr, regulariser_fs)
+    volume = divide_by_weight(gridding_correct(data_fs), weight_fs, snr, regulariser_fs, unit_shell_gain)
     if crop_size_px is not None and 0 < crop_size_px < volume.shape[0]:
         volume = crop_centre(volume, crop_size_px)
     return taper_sphere(volume, taper_px).astype(np.float32)
@@ -337,13 +354,15 @@ def finalise(
     ``regularisation`` is ``"relion"`` (RELION's heuristic; the default, so the maps equal
     ``relion_tomo_reconstruct_particle``'s) or ``"wiener"`` (:func:`wiener_regulariser`, better maps when
     the Fourier space is sparsely sampled); a positive ``snr`` overrides both with a constant ``1/SNR``.
+    With ``"wiener"`` the merged map is the Wiener (MAP) estimate and the half maps keep unit gain per
+    shell (unfiltered, as an FSC and the refinement's references need them).
     """
     if regularisation not in REGULARISATIONS:
         raise ValueError(f"regularisation must be one of {REGULARISATIONS}, not {regularisation!r}")
     data, weight = accumulators.data_fs, accumulators.weight_fs
     regulariser = wiener_regulariser(data, weight) if regularisation == "wiener" and not snr else None
-    half1 = finalise_map(data[0], weight[0], crop_size_px, snr, regulariser_fs=regulariser)
-    half2 = finalise_map(data[1], weight[1], crop_size_px, snr, regulariser_fs=regulariser)
+    half1 = finalise_map(data[0], weight[0], crop_size_px, snr, regulariser_fs=regulariser, unit_shell_gain=True)
+    half2 = finalise_map(data[1], weight[1], crop_size_px, snr, regulariser_fs=regulariser, unit_shell_gain=True)
     merged = finalise_map(data[0] + data[1], weight[0] + weight[1], crop_size_px, snr, regulariser_fs=regulariser)
     return Reconstruction(
         half1, half2, merged, accumulators.pixel_size_angstrom, accumulators.box_size_px,
