@@ -10,12 +10,12 @@ from tomoctfrefine.refine.handedness import check_handedness
 OPTICS = Optics(300.0, 2.7, 0.1)
 
 
-def _stats(true_hand, depth_sd, seed=6, n=16):
+def _stats(true_hand, depth_sd, seed=6, n=12):
     rng = np.random.default_rng(seed)
     tu = rng.uniform(9000, 12000, n)
     su = tu + rng.normal(0, 400, n)
     stats, _ = simulate_statistics(
-        rng, optics=OPTICS, box_size_px=48, pixel_size_angstrom=3.0, particles_per_tilt=20,
+        rng, optics=OPTICS, box_size_px=40, pixel_size_angstrom=3.0, particles_per_tilt=20,
         true_u=tu, true_v=tu, true_angle=np.zeros(n), start_u=su, start_v=su, start_angle=np.zeros(n),
         scale=np.ones(n), noise_sigma=3.0, depth_sd_angstrom=depth_sd, with_flipped_hand=True, true_hand=true_hand,
     )

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..statistics import TiltStatistics
 from .defocus import phase_basis_per_angstrom
-from .likelihood import BandStatistics, FrequencyBand, evaluate
+from .likelihood import BandStatistics, FrequencyBand, evaluate, weighted_gram
 
 
 @dataclass
@@ -75,7 +75,7 @@ def fisher_information(
     c = np.broadcast_to(np.asarray(scale, dtype=float), (n,))
     ev = evaluate(data, change @ basis, None, derivatives=True, fixed_scale=c)
     fisher = np.zeros((n, 4, 4))
-    fisher[:, :3, :3] = np.einsum("fk,ak,bk->fab", ev.fisher_delta, basis, basis)
+    fisher[:, :3, :3] = weighted_gram(ev.fisher_delta, basis, basis)
     cross = ev.fisher_delta_scale @ basis.T
     fisher[:, :3, 3] = fisher[:, 3, :3] = cross
     fisher[:, 3, 3] = ev.s_p

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..physics.ctf import defocus_from_quadratic_form, quadratic_form_from_defocus
 from ..statistics import TiltStatistics
-from .likelihood import BandStatistics, FrequencyBand, TomogramTerm, evaluate, fit_with_continuation
+from .likelihood import BandStatistics, FrequencyBand, TomogramTerm, evaluate, fit_with_continuation, weighted_gram
 
 
 @dataclass
@@ -128,7 +128,7 @@ def mean_fisher_metric(data: BandStatistics, basis: np.ndarray, change: np.ndarr
     ev = evaluate(data, change @ basis, psi, derivatives=True)
     u = ev.fisher_delta_scale @ basis.T
     safe = np.where(ev.s_p > 0, ev.s_p, 1.0)
-    h = np.einsum("fk,ak,bk->fab", ev.fisher_delta, basis, basis) - u[:, :, None] * u[:, None, :] / safe[:, None, None]
+    h = weighted_gram(ev.fisher_delta, basis, basis) - u[:, :, None] * u[:, None, :] / safe[:, None, None]
     ok = data.active & (ev.scale > 0)
     if not ok.any():
         return np.zeros((basis.shape[0],) * 2)

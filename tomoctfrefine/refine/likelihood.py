@@ -111,7 +111,7 @@ class BandStatistics:
         pixel_y, pixel_x = np.nonzero(keep)
         m = half_plane_multiplicity(s)[keep]
         fx, fy = fourier_grid_per_angstrom(s, p)
-        pick = lambda a: np.asarray(a)[:, keep] * m  # noqa: E731
+        pick = lambda a: np.ascontiguousarray(np.asarray(a)[:, keep] * m)  # noqa: E731
         a_ss, a_sc, a_cc = pick(statistics.a_ss), pick(statistics.a_sc), pick(statistics.a_cc)
         information = (a_ss + a_cc).sum(axis=1)
         active = (np.asarray(statistics.particle_count) > 0) & (information > 0) & np.isfinite(information)
@@ -134,8 +134,9 @@ class BandStatistics:
     def subset(self, keep: np.ndarray) -> "BandStatistics":
         """The same statistics on a subset of the pixels (``oo`` kept: it is a constant of the fits)."""
         return BandStatistics(
-            a_ss=self.a_ss[:, keep], a_sc=self.a_sc[:, keep], a_cc=self.a_cc[:, keep],
-            b_s=self.b_s[:, keep], b_c=self.b_c[:, keep], oo=self.oo,
+            a_ss=np.ascontiguousarray(self.a_ss[:, keep]), a_sc=np.ascontiguousarray(self.a_sc[:, keep]),
+            a_cc=np.ascontiguousarray(self.a_cc[:, keep]), b_s=np.ascontiguousarray(self.b_s[:, keep]),
+            b_c=np.ascontiguousarray(self.b_c[:, keep]), oo=self.oo,
             freq_x=self.freq_x[keep], freq_y=self.freq_y[keep],
             pixel_y=self.pixel_y[keep], pixel_x=self.pixel_x[keep],
             active=self.active, box_size_px=self.box_size_px, pixel_size_angstrom=self.pixel_size_angstrom,
@@ -170,42 +171,46 @@ def evaluate(data: BandStatistics, delta, psi=None, derivatives: bool = False, f
     data : BandStatistics
     delta : ndarray, broadcastable to ``(n_tilts, n_pixels)``
         Extra CTF phase (rad) added to the current gamma.
-    psi : ndarray (n_pixels,) or (n_tilts, n_pixels) or None
+    psi : ndarray (n_pixels,) or None
         Odd phase (rad) multiplying the prediction as ``exp(i psi)``.
     derivatives : bool
         Also return per-pixel gradients and Gauss-Newton curvatures.
     fixed_scale : ndarray (n_tilts,) or None
         Use these scales instead of profiling them out.
+    psi_derivatives : bool
+        With ``derivatives``, also the odd-phase gradient and curvature.
     """
-    delta = np.broadcast_to(delta, data.a_ss.shape)
-    cos, sin = np.cos(delta), np.sin(delta)
+    from ..kernels import profiled_likelihood_terms
+
+    shape = data.a_ss.shape
+    n = shape[0]
+    delta = np.ascontiguousarray(np.broadcast_to(np.asarray(delta, dtype=np.float64), shape))
+    n_pix = shape[1]
     if psi is None:
-        bs, bc = data.b_s, data.b_c
+        psi_cos, psi_sin = np.ones(n_pix), np.zeros(n_pix)
     else:
-        rotation = np.exp(-1j * np.asarray(psi))
-        bs, bc = rotation * data.b_s, rotation * data.b_c
-    p = data.a_ss * cos * cos + 2 * data.a_sc * cos * sin + data.a_cc * sin * sin
-    r = bs.real * cos + bc.real * sin
-    s_p, s_r = p.sum(axis=1), r.sum(axis=1)
-    if fixed_scale is None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.where((s_p > 0) & (s_r < 0), -s_r / np.where(s_p > 0, s_p, 1.0), 0.0)
-        cost = 0.5 * data.oo - 0.5 * scale * scale * s_p
-    else:
-        scale = np.asarray(fixed_scale, dtype=float)
+        psi = np.broadcast_to(np.asarray(psi, dtype=np.float64), (n_pix,))
+        psi_cos, psi_sin = np.cos(psi), np.sin(psi)
+    use_fixed = fixed_scale is not None
+    fixed = np.broadcast_to(np.asarray(fixed_scale if use_fixed else 0.0, dtype=np.float64), (n,)).copy()
+    s_p, s_r, scale = np.empty(n), np.empty(n), np.empty(n)
+    big = (lambda: np.empty(shape)) if derivatives else (lambda: np.empty((1, 1)))  # noqa: E731
+    grad_delta, fisher_delta, fisher_delta_scale = big(), big(), big()
+    want_psi = derivatives and psi_derivatives
+    grad_psi, fisher_psi = (np.empty(shape), np.empty(shape)) if want_psi else (np.empty((1, 1)), np.empty((1, 1)))
+    profiled_likelihood_terms(
+        data.a_ss, data.a_sc, data.a_cc, data.b_s, data.b_c, delta, psi_cos, psi_sin, fixed, use_fixed, derivatives,
+        want_psi, s_p, s_r, scale, grad_delta, fisher_delta, fisher_delta_scale, grad_psi, fisher_psi,
+    )
+    if use_fixed:
         cost = 0.5 * data.oo + 0.5 * scale * scale * s_p + scale * s_r
+    else:
+        cost = 0.5 * data.oo - 0.5 * scale * scale * s_p
     result = Evaluation(cost=cost, scale=scale, s_p=s_p, s_r=s_r)
     if derivatives:
-        c = scale[:, None]
-        half_dp = data.a_sc * (cos * cos - sin * sin) + (data.a_cc - data.a_ss) * cos * sin
-        p_prime = data.a_ss * sin * sin - 2 * data.a_sc * cos * sin + data.a_cc * cos * cos
-        dr = -bs.real * sin + bc.real * cos
-        result.grad_delta = c * c * half_dp + c * dr
-        result.fisher_delta = c * c * p_prime
-        result.fisher_delta_scale = c * half_dp
-        if psi_derivatives:
-            result.grad_psi = c * (bs.imag * cos + bc.imag * sin)
-            result.fisher_psi = c * c * p
+        result.grad_delta, result.fisher_delta, result.fisher_delta_scale = grad_delta, fisher_delta, fisher_delta_scale
+        if want_psi:
+            result.grad_psi, result.fisher_psi = grad_psi, fisher_psi
     return result
 
 
@@ -270,6 +275,11 @@ class FitResult:
     converged: bool
 
 
+def weighted_gram(weights: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``sum_k weights[f, k] left[a, k] right[b, k]`` for every ``f``, shape ``(n, a, b)`` (BLAS)."""
+    return (weights[:, None, :] * left[None, :, :]) @ right.T
+
+
 def _layout(terms, shared):
     n_even = 0 if shared is None else len(shared.even_basis)
     n_odd = 0 if shared is None else len(shared.odd_basis)
@@ -325,13 +335,13 @@ def _system(terms, shared, xs, commons, layout):
         m = basis.shape[0]
         safe_sp = np.where(ev.s_p > 0, ev.s_p, 1.0)
         u_x = ev.fisher_delta_scale @ basis.T
-        h_ff = np.einsum("fk,ak,bk->fab", ev.fisher_delta, basis, basis) - u_x[:, :, None] * u_x[:, None, :] / safe_sp[:, None, None]
+        h_ff = weighted_gram(ev.fisher_delta, basis, basis) - u_x[:, :, None] * u_x[:, None, :] / safe_sp[:, None, None]
         g_f = ev.grad_delta @ basis.T
         h_fg = np.zeros((term.data.n_tilts, m, n_global))
         if n_even:
             even = shared.even_basis
             u_e = ev.fisher_delta_scale @ even.T
-            h_fg[:, :, :n_even] = np.einsum("fk,ak,jk->faj", ev.fisher_delta, basis, even) - u_x[:, :, None] * u_e[:, None, :] / safe_sp[:, None, None]
+            h_fg[:, :, :n_even] = weighted_gram(ev.fisher_delta, basis, even) - u_x[:, :, None] * u_e[:, None, :] / safe_sp[:, None, None]
             h_global[:n_even, :n_even] += (even * ev.fisher_delta.sum(axis=0)) @ even.T - (u_e / safe_sp[:, None]).T @ u_e
             g_global[:n_even] += even @ ev.grad_delta.sum(axis=0)
         if n_odd:
@@ -395,6 +405,20 @@ def _solve(blocks, cross, grads, h_global, g_global, frozen, mu_tilt, mu_global,
     return steps, d_global, covariances, schur_inverse
 
 
+def _extrapolate_separable(terms, xs, steps, trial_xs, trial, current, frozen):
+    """Per tilt, replace an improving step by 2, 4 or 8 times it while that keeps improving (in place)."""
+    for i, term in enumerate(terms):
+        improving = (trial[i] < current[i]) & ~frozen[i]
+        for factor in (2.0, 4.0, 8.0):
+            if not improving.any():
+                break
+            longer = xs[i] + factor * steps[i]
+            cost = _costs([term], None, [longer], [term.common])[0]
+            improving = improving & (cost < trial[i])
+            trial_xs[i][improving] = longer[improving]
+            trial[i][improving] = cost[improving]
+
+
 def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterations: int = 60, tolerance: float = 1e-6) -> FitResult:
     """Minimise ``sum_t sum_f J_tf`` (+ penalties) by Levenberg-Marquardt on the Fisher matrix.
 
@@ -438,16 +462,39 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
             trial = _costs(terms, shared, trial_xs, trial_commons)
             if separable:
                 size = [np.einsum("fa,fab,fb->f", d, h, d) for d, h in zip(steps, blocks)]
+                _extrapolate_separable(terms, xs, steps, trial_xs, trial, current, frozen)
                 for i in range(len(terms)):
                     better = (trial[i] <= current[i] + 1e-9 * np.abs(current[i])) & ~frozen[i]
                     xs[i][better] = trial_xs[i][better]
                     mu_tilt[i] = np.where(better, np.maximum(mu_tilt[i] * 0.3, 1e-9), np.where(frozen[i], mu_tilt[i], mu_tilt[i] * 10))
+                    # nats: a change of ~0.01 standard error, statistically nothing
+                    predicted = -np.einsum("fa,fa->f", grads[i], steps[i])
+                    negligible = (better & (current[i] - trial[i] < 1e-4)) | (predicted < 1e-4)
                     size[i] = np.where((better & (mu_tilt[i] <= undamped)) | frozen[i], size[i], np.inf)
+                    size[i] = np.where(negligible, 0.0, size[i])
                 accepted_any = True
                 done = all(np.all(np.where(fz, 0.0, sz) < tolerance) for sz, fz in zip(size, frozen))
                 break
             total_new = sum(c.sum() for c in trial)
             total_old = sum(c.sum() for c in current)
+            if total_new < total_old:
+                # Where the model misfits the data the expected Fisher matrix overestimates the
+                # curvature (slow, linear convergence): try longer steps along the same direction.
+                best = 1.0
+                for factor in (2.0, 4.0, 8.0):
+                    longer_xs = [x + factor * d for x, d in zip(xs, steps)]
+                    longer_commons = [c if o is None else c + factor * d_global[o:o + len(c)] for c, o in zip(commons, offsets)]
+                    if shared is not None:
+                        shared.alpha, shared.beta = alpha + factor * d_global[:n_even], beta + factor * d_global[n_even:n_even + n_odd]
+                    longer = _costs(terms, shared, longer_xs, longer_commons)
+                    longer_total = sum(c.sum() for c in longer)
+                    if longer_total >= total_new:
+                        break
+                    best, trial_xs, trial_commons, trial, total_new = factor, longer_xs, longer_commons, longer, longer_total
+                steps = [best * d for d in steps]
+                d_global = best * d_global
+                if shared is not None:
+                    shared.alpha, shared.beta = alpha + d_global[:n_even], beta + d_global[n_even:n_even + n_odd]
             if total_new <= total_old + 1e-12 * abs(total_old):
                 for i in range(len(terms)):
                     xs[i][...] = trial_xs[i]
@@ -459,7 +506,7 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
                 size = sum(np.einsum("fa,fab,fb->", d, h, d) for d, h in zip(steps, blocks))
                 if n_global:
                     size += d_global @ h_global @ d_global
-                done = size < tolerance and mu_global <= undamped
+                done = (size < tolerance and mu_global <= undamped) or total_old - total_new < 1e-4
                 break
             if shared is not None:
                 shared.alpha, shared.beta = alpha, beta
@@ -476,7 +523,7 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
     scale_variance = []
     for term, ev, fz, x, cov in zip(terms, evs, frozen, xs, covariances):
         cov[fz] = np.inf
-        raw = np.einsum("fk,ak,bk->fab", ev.fisher_delta, term.tilt_basis, term.tilt_basis)
+        raw = weighted_gram(ev.fisher_delta, term.tilt_basis, term.tilt_basis)
         u_x = ev.fisher_delta_scale @ term.tilt_basis.T
         m = raw.shape[1]
         full = np.zeros((term.data.n_tilts, m + 1, m + 1))
