@@ -4,10 +4,12 @@ The protocol launches this module with ``runJob`` so that Scipion's ``hosts.conf
 processes start, the engine's numba threads never share a process with Scipion, and a crash of one
 step leaves the previous steps' files for "continue"::
 
-    python -m tomoctfrefine.protocols.engine_step prepare OUT_DIR --optimisation-set F --options F.json
-    python -m tomoctfrefine.protocols.engine_step refine_defocus OUT_DIR
+    python .../tomoctfrefine/protocols/engine_step.py prepare OUT_DIR --optimisation-set F --options F.json
+    python .../tomoctfrefine/protocols/engine_step.py refine_defocus OUT_DIR
     (refine_scale, refine_aberrations, write_outputs likewise)
 
+It is run as a script (not ``python -m``) so that the package ``tomoctfrefine.protocols``, which
+imports Scipion, is not imported: this file imports only the engine.
 Exit code 2 with one line per problem for bad input (``InputError``), as the CLI does.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ def run_step(step: str, out_dir: str, optimisation_set: str | None = None, optio
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tomoctfrefine.protocols.engine_step")
+    parser = argparse.ArgumentParser(prog="engine_step.py")
     parser.add_argument("step", choices=STEPS)
     parser.add_argument("out_dir")
     parser.add_argument("--optimisation-set")

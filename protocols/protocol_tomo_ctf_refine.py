@@ -24,7 +24,9 @@ from . import convert
 
 INPUT_SCIPION, INPUT_OPTIMISATION_SET = 0, 1
 ODD_ORDERS, EVEN_ORDERS = [3, 5, 7], [4, 6, 8]
-ENGINE_MODULE = "tomoctfrefine.protocols.engine_step"
+#: Run as a script, not with ``-m``: ``-m`` would import this package, hence Scipion, in every engine
+#: process and MPI rank (2 s each) although the engine needs none of it.
+ENGINE_SCRIPT = str(Path(__file__).with_name("engine_step.py"))
 
 
 class Outputs(Enum):
@@ -229,7 +231,7 @@ class ProtTomoCtfRefine(EMProtocol):
                   f"{converted.skipped_particles} particles skipped (no tilt series or CTF)")
 
     def _runEngine(self, step, *extra, mpi=1):
-        args = " ".join(["-m", ENGINE_MODULE, step, self.outDir(), *extra])
+        args = " ".join([ENGINE_SCRIPT, step, self.outDir(), *extra])
         from tomoctfrefine.plugin import Plugin
 
         self.runJob(Plugin.getPythonProgram(), args, env=Plugin.getEnviron(self.numberOfThreads.get() or 1),

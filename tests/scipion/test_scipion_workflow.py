@@ -296,7 +296,7 @@ def test_full_run_refines_defocus_towards_truth(project):
     protocol = _refine_protocol(project, None, doDefocusReg=True, numberOfMpi=2)
     _launch(project["project"], protocol)
     log = Path(protocol.getLogPaths()[0]).read_text()
-    assert "mpirun -np 2" in log and "engine_step prepare" in log  # the statistics step ran on 2 MPI ranks
+    assert "mpirun -np 2" in log and "engine_step.py prepare" in log  # the statistics step ran on 2 MPI ranks
     truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())["tomograms"]["TS_01"]
     true_by_dose = {t["pre_exposure"]: 0.5 * (t["dfu"] + t["dfv"]) for t in truth}
     start_by_dose = {t["pre_exposure"]: 0.5 * (t["start_dfu"] + t["start_dfv"]) for t in truth}
@@ -315,6 +315,14 @@ def test_full_run_refines_defocus_towards_truth(project):
     print(f"full run: mean-defocus RMS error {rms_before:.0f} Å -> {rms_after:.0f} Å (RELION 5.0.1: 309 Å)")
     assert rms_after < 309, (rms_before, rms_after)
     assert protocol.coordinates.getSize() == 30
+    sigmas = [ctf._defocusUncertainty.get() for series in protocol.CTFs.iterItems() for ctf in series.iterItems()]
+    assert len(sigmas) == 13 and all(0 < s < 1000 for s in sigmas)
+    # Analyze Results shows the report's plots.
+    from tomoctfrefine.viewers import PngView, TomoCtfRefineViewer
+
+    views = TomoCtfRefineViewer(project=project["project"], protocol=protocol)._visualize(protocol)
+    assert all(isinstance(v, PngView) for v in views)
+    assert [v.path.name for v in views][:2] == ["defocus_TS_01.png", "scale_TS_01.png"]
 
 
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
@@ -323,7 +331,8 @@ def test_stop_after_prepare_then_continue_skips_finished_steps(project):
     import time
 
     proj = project["project"]
-    protocol = _refine_protocol(project, None, refineContrast=False)
+    # A fine defocus scan keeps the defocus step running long enough (2-3 s) to be stopped in.
+    protocol = _refine_protocol(project, None, refineContrast=False, defocusSteps=300)
     proj.launchProtocol(protocol, wait=False)
     deadline = time.time() + 300
     finished = set()
@@ -331,7 +340,7 @@ def test_stop_after_prepare_then_continue_skips_finished_steps(project):
         finished = {step.funcName.get() for step in protocol.loadSteps() if step.isFinished()}
         if "prepareStep" in finished:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert "prepareStep" in finished, "prepare did not finish in time"
     proj.stopProtocol(protocol)
     assert protocol.isAborted()
