@@ -79,6 +79,8 @@ def test_empty_tilts_keep_their_input_values_and_nothing_is_nan():
         true_u=tu, true_v=tv, true_angle=ta, start_u=su, start_v=sv, start_angle=sa,
         scale=np.ones(n), noise_sigma=3.0,
     )
+    stats.b_s[5, 3, 2] = np.nan  # a corrupt tilt is treated as empty
+    counts = np.array([20, 0, 20, 0, 20, 0])
     input_scale = np.array([1.0, 0.7, 1.0, 0.4, 1.0, 1.0])
     for lam in (0.0, 1.0):
         fit = refine_defocus(stats, WAVELENGTH, su, sv, sa, input_scale=input_scale, regularisation_lambda=lam)

@@ -113,12 +113,17 @@ class BandStatistics:
         fx, fy = fourier_grid_per_angstrom(s, p)
         pick = lambda a: np.ascontiguousarray(np.asarray(a)[:, keep] * m)  # noqa: E731
         a_ss, a_sc, a_cc = pick(statistics.a_ss), pick(statistics.a_sc), pick(statistics.a_cc)
-        information = (a_ss + a_cc).sum(axis=1)
-        active = (np.asarray(statistics.particle_count) > 0) & (information > 0) & np.isfinite(information)
+        b_s, b_c = pick(statistics.b_s).astype(np.complex128), pick(statistics.b_c).astype(np.complex128)
+        oo = pick(statistics.oo).sum(axis=1)
+        finite = np.isfinite(a_ss.sum(1) + a_sc.sum(1) + a_cc.sum(1) + oo) & np.isfinite(b_s.sum(1) + b_c.sum(1))
+        information = np.where(finite, (a_ss + a_cc).sum(axis=1), 0.0)
+        active = (np.asarray(statistics.particle_count) > 0) & (information > 0) & finite
+        if not finite.all():  # a tilt with a non-finite value is treated as empty, never propagated
+            for array in (a_ss, a_sc, a_cc, b_s, b_c):
+                array[~finite] = 0.0
+            oo = np.where(finite, oo, 0.0)
         return cls(
-            a_ss=a_ss, a_sc=a_sc, a_cc=a_cc,
-            b_s=pick(statistics.b_s).astype(np.complex128), b_c=pick(statistics.b_c).astype(np.complex128),
-            oo=pick(statistics.oo).sum(axis=1),
+            a_ss=a_ss, a_sc=a_sc, a_cc=a_cc, b_s=b_s, b_c=b_c, oo=oo,
             freq_x=fx[keep], freq_y=fy[keep], pixel_y=pixel_y, pixel_x=pixel_x,
             active=active, box_size_px=s, pixel_size_angstrom=p,
         )
