@@ -316,3 +316,24 @@ def test_box_noise_fraction_matches_white_noise_in_observed_boxes():
     power = np.mean(np.abs(forward.observe(image, centres, 128)[:, 1:, 1:]) ** 2)
     assert forward.box_noise_fraction(128) == pytest.approx(0.7107, abs=1e-4)
     assert power == pytest.approx(forward.box_noise_fraction(128), rel=0.01)
+
+
+def test_fixture_odd_aberration_enters_as_exp_plus_i_chi_odd(fixture_data):
+    """With the truth's odd Zernike terms, the model o = -c exp(i chi_odd) sin(gamma) q explains more than
+    without them, and the opposite sign explains less (RELION multiplies predictions by exp(i chi_odd))."""
+    from tomoctfrefine.io.particles import optics_zernike as zernike_of
+    from tomoctfrefine.physics.zernike import odd_phase_rad
+
+    d = fixture_data
+    pset = read_particle_set(FIXTURE / "truth" / "particles_true.star")
+    odd = zernike_of(pset, 1)[1]
+    assert odd == [0.0, 0.0, 150.0, 0.0, 0.0, -100.0]
+    stats = statistics.compute_statistics(d["tomo"], d["images"], d["positions"], d["rotations"], d["halves"], d["refs"],
+                                          d["weights"], d["even"])
+    fx, fy = fourier_grid_per_angstrom(d["s"], d["tomo"].pixel_size_angstrom)
+    chi = odd_phase_rad(odd, fx, fy)
+    explained = {}
+    for sign in (1, 0, -1):
+        projected = np.real(np.exp(-1j * sign * chi) * stats.b_s).sum(axis=(1, 2))
+        explained[sign] = np.sum(projected**2 / stats.a_ss.sum(axis=(1, 2)))
+    assert explained[1] > explained[0] + 20 and explained[0] > explained[-1] + 20
