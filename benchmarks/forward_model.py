@@ -78,7 +78,7 @@ def run_child(box: int, threads: list[int], particles: int, tilts: int, flipped:
                          cpu_seconds=cpu_seconds, statistics_peak_mb=(peak - baseline) / 2**20))
         del stats
     return dict(rows=rows, prepare_seconds=prepare_seconds, prepare_peak_mb=prep_peak / 2**20,
-                references_mb=refs.half_maps_ft.nbytes / 2**20, stack_mb=images.nbytes / 2**20,
+                references_mb=refs.nbytes / 2**20, stack_mb=images.nbytes / 2**20,
                 max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

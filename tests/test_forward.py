@@ -15,7 +15,7 @@ from tomoctfrefine.io.maps import read_map
 from tomoctfrefine.io.particles import half_sets, particle_positions_px, particle_rotations, particles_of, read_particle_set, optics_zernike
 from tomoctfrefine.io.tomograms import Tomogram, load_tilt_images, read_tomogram_set, tomogram
 from tomoctfrefine.physics.ctf import Optics, ctf_gamma
-from tomoctfrefine.physics.geometry import euler_zyz_matrix, fourier_grid_per_angstrom, projection_matrix
+from tomoctfrefine.physics.geometry import euler_zyz_matrices, euler_zyz_matrix, fourier_grid_per_angstrom, projection_matrix
 
 FIXTURE = Path("/work/shared/fixtures/relion5_small")
 
@@ -67,6 +67,26 @@ def test_centred_fourier_transform_is_unitary_rfftn_with_origin_at_the_box_centr
     assert ft.dtype == np.complex64
 
 
+def test_bricked_references_round_trip_and_cropping_keeps_the_slices():
+    rng = np.random.default_rng(2)
+    maps = [rng.normal(size=(20, 20, 20)) for _ in range(2)]
+    refs = reference.prepare_references(maps[0], maps[1], None, 30)  # 30: grid not a multiple of the brick
+    plain = refs.half_maps_ft
+    assert plain.shape == (2, 30, 30, 16)
+    np.testing.assert_array_equal(reference.from_bricks(reference.to_bricks(plain[1]), 30), plain[1])
+    np.testing.assert_allclose(plain[0], reference.centred_fourier_transform(
+        reference.presharpen(reference.taper_volume(reference.pad_volume(maps[0], 30, np.float32)))), atol=1e-5)
+    cropped = refs.cropped(9.0)
+    assert cropped.grid_size == 22 and cropped.max_radius_px == 9.0
+    tomo = synthetic_tomogram([0.0, 40.0])
+    rotations = euler_zyz_matrices(*rng.uniform(-180, 180, (3, 3)))
+    full = forward.predict(refs, tomo, rotations, np.array([1, 2, 1]))
+    small = forward.predict(cropped, tomo, rotations, np.array([1, 2, 1]))
+    inside = reference.radius_px(30) <= 9.0
+    np.testing.assert_allclose(small[..., inside], full[..., inside], rtol=1e-6, atol=1e-7)
+    assert np.all(small[..., ~inside] == 0)
+
+
 def test_prepare_rejects_a_reference_larger_than_the_box():
     half = np.zeros((48, 48, 48), dtype=np.float32)
     with pytest.raises(InputError, match=r"half map 1 \[--b\]: reference is 48 px, larger than the box 32 px; choose a box"):
@@ -89,7 +109,7 @@ def test_noise_weights_of_white_noise_are_inverse_variance():
 
 def test_frequency_cutoff_from_fsc_and_manual_cutoff():
     s = 64
-    refs = reference.PreparedReferences(np.zeros((2, s, s, s // 2 + 1), np.complex64), s, 2.0, np.inf)
+    refs = reference.PreparedReferences.from_fourier(np.zeros((2, s, s, s // 2 + 1), np.complex64), s, 2.0)
     fsc = np.concatenate([np.ones(11), np.linspace(0.9, 0.0, 22)])  # 33 shells (box 64), first < 0.143 at index 29
     snr, last = reference.snr_from_fsc(fsc, s)
     assert last == 28

@@ -193,7 +193,7 @@ def predict(
     n_particles, n_tilts = matrices.shape[:2]
     halves = np.repeat(np.asarray(half_sets, dtype=np.int64) - 1, n_tilts)
     out = np.empty((n_particles * n_tilts, s, s // 2 + 1), dtype=np.complex64)
-    kernels.central_slices(references.half_maps_ft, halves, np.ascontiguousarray(matrices.reshape(-1, 3, 3)),
+    kernels.central_slices(references.bricks, references.grid_size, halves, np.ascontiguousarray(matrices.reshape(-1, 3, 3)),
                            float(references.max_radius_px) ** 2, out)
     out = out.reshape(n_particles, n_tilts, s, s // 2 + 1)
     damping = tilt_damping(tomogram, s)

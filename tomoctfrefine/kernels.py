@@ -11,19 +11,23 @@ from numba import njit, prange
 
 
 @njit(cache=True, inline="always")
-def _sample_half_complex(ref, ux, uy, uz, max_radius2):
-    """Trilinear sample of a half-complex 3D FT at ``u`` (pixels), RELION's linearXYZ_FftwHalf_complex:
-    conjugate branch for ``ux <= 0``, wrap in y and z, x upper neighbour clamped to ``nh - 2``."""
-    if ux * ux + uy * uy + uz * uz > max_radius2:
-        return 0j
+def _brick_value(bricks, z, y, x):
+    return bricks[z >> 2, y >> 2, x >> 2, z & 3, y & 3, x & 3]
+
+
+@njit(cache=True, inline="always")
+def _sample_half_complex(bricks, n, ux, uy, uz):
+    """Trilinear sample of a half-complex 3D FT (``n x n x (n//2+1)``, stored in 4x4x4 bricks, see
+    ``reference.to_bricks``) at ``u`` (pixels), RELION's linearXYZ_FftwHalf_complex: conjugate branch
+    for ``ux <= 0``, wrap in y and z, x upper neighbour clamped to ``nh - 2``. The caller keeps
+    ``|u|`` within the grid (``|u| <= n/2 - 2`` for a cropped grid, any slice pixel for a full one)."""
     conjugate = False
     if ux <= 0.0:
         ux = -ux
         uy = -uy
         uz = -uz
         conjugate = True
-    n = ref.shape[0]
-    nh = ref.shape[2]
+    nh = n // 2 + 1
     x0 = int(np.floor(ux))
     y0 = int(np.floor(uy))
     z0 = int(np.floor(uz))
@@ -46,10 +50,10 @@ def _sample_half_complex(ref, ux, uy, uz, max_radius2):
     z1 = z0 + 1
     if z1 >= n:
         z1 -= n
-    v00 = (1.0 - fx) * ref[z0, y0, x0] + fx * ref[z0, y0, x1]
-    v10 = (1.0 - fx) * ref[z0, y1, x0] + fx * ref[z0, y1, x1]
-    v01 = (1.0 - fx) * ref[z1, y0, x0] + fx * ref[z1, y0, x1]
-    v11 = (1.0 - fx) * ref[z1, y1, x0] + fx * ref[z1, y1, x1]
+    v00 = (1.0 - fx) * _brick_value(bricks, z0, y0, x0) + fx * _brick_value(bricks, z0, y0, x1)
+    v10 = (1.0 - fx) * _brick_value(bricks, z0, y1, x0) + fx * _brick_value(bricks, z0, y1, x1)
+    v01 = (1.0 - fx) * _brick_value(bricks, z1, y0, x0) + fx * _brick_value(bricks, z1, y0, x1)
+    v11 = (1.0 - fx) * _brick_value(bricks, z1, y1, x0) + fx * _brick_value(bricks, z1, y1, x1)
     v0 = (1.0 - fy) * v00 + fy * v10
     v1 = (1.0 - fy) * v01 + fy * v11
     value = complex((1.0 - fz) * v0 + fz * v1)
@@ -59,15 +63,18 @@ def _sample_half_complex(ref, ux, uy, uz, max_radius2):
 
 
 @njit(cache=True, parallel=True)
-def central_slices(references, half_index, matrices, max_radius2, out):
+def central_slices(references, grid_size, half_index, matrices, max_radius2, out):
     """Central slices ``F_h(M^T k)`` of many (particle, tilt) pairs (0 beyond ``sqrt(max_radius2)``).
+
+    Parallel over pairs: each sweeps its plane through the reference.
 
     Parameters
     ----------
-    references : complex64 (2, n, n, n//2+1)
+    references : complex64 (2, n/4, n/4, ceil((n//2+1)/4), 4, 4, 4)   bricked half maps
+    grid_size : int                  n
     half_index : int64 (m,)          0 or 1: the half map of each pair
     matrices : float64 (m, 3, 3)     M = P_3x3 A (image frame <- reference frame)
-    max_radius2 : float              squared radius (px) beyond which the slice is 0
+    max_radius2 : float              squared radius (px, of the 2D pixel) beyond which the slice is 0
     out : complex64 (m, s, s//2+1)   written
     """
     m = out.shape[0]
@@ -85,7 +92,7 @@ def central_slices(references, half_index, matrices, max_radius2, out):
                 ux = mat[0, 0] * x + mat[1, 0] * ky
                 uy = mat[0, 1] * x + mat[1, 1] * ky
                 uz = mat[0, 2] * x + mat[1, 2] * ky
-                out[p, y, x] = _sample_half_complex(ref, ux, uy, uz, max_radius2)
+                out[p, y, x] = _sample_half_complex(ref, grid_size, ux, uy, uz)
 
 
 @njit(cache=True, parallel=True)

@@ -14,16 +14,40 @@ import scipy.fft
 from .errors import InputError, Problem
 
 
+#: Edge of the cubic bricks the references are stored in (see :class:`PreparedReferences`).
+BRICK = 4
+
+
+def to_bricks(half_map_ft: np.ndarray) -> np.ndarray:
+    """``(n, n, nh)`` -> ``(n/B, n/B, ceil(nh/B), B, B, B)``: 4x4x4 bricks, so that the 8 neighbours of a
+    trilinear sample share one or two cache lines whatever the slice orientation (1.4x faster
+    slices at s = 256, 1.7x at 512, than the plain ``[z, y, x]`` layout)."""
+    n, _, nh = half_map_ft.shape
+    nb, nxb = -(-n // BRICK), -(-nh // BRICK)
+    padded = np.zeros((nb * BRICK, nb * BRICK, nxb * BRICK), dtype=half_map_ft.dtype)
+    padded[:n, :n, :nh] = half_map_ft
+    return np.ascontiguousarray(padded.reshape(nb, BRICK, nb, BRICK, nxb, BRICK).transpose(0, 2, 4, 1, 3, 5))
+
+
+def from_bricks(bricks: np.ndarray, grid_size: int) -> np.ndarray:
+    """Inverse of :func:`to_bricks`: the ``(n, n, n//2+1)`` array."""
+    nb, _, nxb = bricks.shape[:3]
+    plain = bricks.transpose(0, 3, 1, 4, 2, 5).reshape(nb * BRICK, nb * BRICK, nxb * BRICK)
+    return np.ascontiguousarray(plain[:grid_size, :grid_size, : grid_size // 2 + 1])
+
+
 @dataclass(frozen=True)
 class PreparedReferences:
     """The two half references, ready for central-slice extraction.
 
     Attributes
     ----------
-    half_maps_ft : ndarray, complex64, shape (2, n, n, n//2+1)
-        Unitary 3D FT (``[kz, ky, kx]``) of half map 1 and 2 after mask, padding, taper and
-        presharpening, with the origin moved to the box centre ``s//2``. ``n == box_size_px`` unless
-        the grid was cropped (:meth:`cropped`): then only frequencies up to ``max_radius_px`` are kept.
+    bricks : ndarray, complex64, shape (2, n/4, n/4, ceil((n//2+1)/4), 4, 4, 4)
+        Unitary 3D FT (``rfftn`` grid ``[kz, ky, kx]``, see :func:`to_bricks`) of half map 1 and 2
+        after mask, padding, taper and presharpening, with the origin moved to the box centre ``s//2``.
+    grid_size : int
+        ``n``: the FT grid, ``box_size_px`` unless the grid was cropped (:meth:`cropped`); then only
+        frequencies up to ``max_radius_px`` are kept.
     box_size_px : int
         The box ``s`` the references were padded to (frequencies are in units of ``1/s``).
     pixel_size_angstrom : float
@@ -32,10 +56,27 @@ class PreparedReferences:
         Frequencies beyond this radius (in ``1/s`` units) are not represented: slices return 0 there.
     """
 
-    half_maps_ft: np.ndarray
+    bricks: np.ndarray
+    grid_size: int
     box_size_px: int
     pixel_size_angstrom: float
     max_radius_px: float
+
+    @classmethod
+    def from_fourier(cls, half_maps_ft: np.ndarray, box_size_px: int, pixel_size_angstrom: float,
+                     max_radius_px: float = np.inf) -> "PreparedReferences":
+        """From the plain ``(2, n, n, n//2+1)`` transforms."""
+        bricks = np.stack([to_bricks(np.asarray(half, dtype=np.complex64)) for half in half_maps_ft])
+        return cls(bricks, half_maps_ft.shape[1], int(box_size_px), float(pixel_size_angstrom), float(max_radius_px))
+
+    @property
+    def half_maps_ft(self) -> np.ndarray:
+        """The plain ``(2, n, n, n//2+1)`` complex64 transforms (a new array each time)."""
+        return np.stack([from_bricks(half, self.grid_size) for half in self.bricks])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bricks.nbytes)
 
     def cropped(self, max_radius_px: float) -> "PreparedReferences":
         """A copy that keeps only the frequencies a slice can reach within ``max_radius_px``.
@@ -44,13 +85,16 @@ class PreparedReferences:
         cropped grid is ``n = 2 * ceil(max_radius_px + 2)`` (never larger than the full grid). This
         cuts memory by ``(n/s)^3`` when the frequency weights vanish well below Nyquist.
         """
-        s = self.half_maps_ft.shape[1]
+        s = self.grid_size
         half = int(np.ceil(max_radius_px + 2))
         if 2 * half >= s:
             return self
         rows = np.r_[0:half, s - half:s]
-        cropped = self.half_maps_ft[:, rows][:, :, rows][:, :, :, : half + 1]
-        return PreparedReferences(np.ascontiguousarray(cropped), self.box_size_px, self.pixel_size_angstrom,
+        bricks = []
+        for plain in self.bricks:
+            full = from_bricks(plain, s)
+            bricks.append(to_bricks(np.ascontiguousarray(full[rows][:, rows][:, :, : half + 1])))
+        return PreparedReferences(np.stack(bricks), 2 * half, self.box_size_px, self.pixel_size_angstrom,
                                   float(max_radius_px))
 
 
@@ -178,17 +222,19 @@ def prepare_references(
         problems.append(Problem("--b", f"box size {box_size_px} is odd", "use an even box size", "--b"))
     if problems:
         raise InputError(problems)
-    out = np.empty((2, box_size_px, box_size_px, box_size_px // 2 + 1), dtype=np.complex64)
-    for i, half in enumerate((half1, half2)):
+    bricks = []
+    for half in (half1, half2):
         volume = np.asarray(half, dtype=np.float64)
         if mask is not None:
             volume = volume * mask
         # float32 from here on (as RELION): at s = 512 one padded map is 0.5 GB
         volume = pad_volume(volume, box_size_px, dtype=np.float32)
         presharpen(taper_volume(volume, in_place=True), in_place=True)
-        centred_fourier_transform(volume, out=out[i])
+        transform = centred_fourier_transform(volume)
         del volume
-    return PreparedReferences(out, box_size_px, float(pixel_size_angstrom), float(np.inf))
+        bricks.append(to_bricks(transform))
+        del transform
+    return PreparedReferences(np.stack(bricks), box_size_px, box_size_px, float(pixel_size_angstrom), float(np.inf))
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +347,7 @@ def snr_from_half_maps(references: PreparedReferences) -> tuple[np.ndarray, int]
     """Shell SNR weight ``(tau² - sigma²)/tau²`` and last shell (first below 0.05, minus 1) estimated
     from the two prepared half maps (shells ``round(|k|)``), RELION's fallback without an FSC."""
     maps = references.half_maps_ft
-    n = maps.shape[1]
+    n = references.grid_size
     s = references.box_size_px
     sh = s // 2 + 1
     k = np.fft.fftfreq(n, 1.0 / n)

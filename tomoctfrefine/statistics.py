@@ -209,7 +209,7 @@ def compute_statistics(
             spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
             del boxes
             slices = np.empty_like(spectra)
-            kernels.central_slices(references.half_maps_ft, halves[batch], np.ascontiguousarray(matrices[batch, f]),
+            kernels.central_slices(references.bricks, references.grid_size, halves[batch], np.ascontiguousarray(matrices[batch, f]),
                                    min(max_radius2, support2), slices)
             kernels.accumulate_tilt_statistics(
                 spectra,
