@@ -316,7 +316,7 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
     mask = read_map(inputs["mask_path"])[0] if inputs.get("mask_path") else None
     references = reference_mod.prepare_references(half1, half2, mask, options.box_size_px, voxel,
                                                   map_paths=(inputs["ref1_path"], inputs["ref2_path"]))
-    fsc = read_fsc(inputs["fsc_path"]) if inputs.get("fsc_path") else None
+    fsc = read_fsc(inputs["fsc_path"]) if inputs.get("fsc_path") else _half_map_fsc(run, half1, half2, mask, voxel)
     cutoff = reference_mod.frequency_cutoff_weight(
         references, fsc=fsc, freq_cutoff_angstrom=options.freq_cutoff_angstrom,
         fsc_thresh_width_px=options.fsc_threshold_width_px, use_snr_weight=options.use_snr_weight)
@@ -351,6 +351,19 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
                   f"{time.time() - started:.1f} s")
     world.barrier()
     return run
+
+
+def _half_map_fsc(run: Run, half1, half2, mask, voxel_size_angstrom: float):
+    """Without ``--fsc``: the mask-corrected FSC of the half maps (phase randomisation), not RELION's
+    optimistic estimate from the unrandomised half maps."""
+    from .fsc import mask_corrected_fsc, write_fsc_star
+
+    result = mask_corrected_fsc(np.asarray(half1, float), np.asarray(half2, float),
+                                None if mask is None else np.asarray(mask, float), voxel_size_angstrom)
+    write_fsc_star(result, run.temp / "half_map_fsc.star")
+    _log(run, f"no --fsc given: using the mask-corrected FSC of the half maps (0.143 at {result.resolution(0.143):.2f} Å, "
+              f"written to {run.temp / 'half_map_fsc.star'}) instead of an estimate without phase randomisation")
+    return result.as_curve()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +649,6 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
         tset = tomograms_io.with_tilt_ctf(tset, name, u, v, angle, ctf_scale=scale)
         summary["tomograms"][name] = entry
 
-    phase_maps = {}
     particles_path = run.inputs["particles_path"]
     if options.do_aberrations:
         voxel = data.tomogram(data.names[0]).pixel_size_angstrom
@@ -649,15 +661,12 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
                                              None if odd is None else odd.tolist())
             summary.setdefault("aberrations", {})[str(group)] = {
                 "even": [] if even is None else even, "odd": [] if odd is None else odd}
-            maps = {}
             for kind, antisymmetric in (("even", False), ("odd", True)):
                 if arrays.get(f"{kind}_coefficients") is None:
                     continue
                 for suffix, key in (("per-pixel", f"{kind}_phase_per_pixel"), ("nonlinear-fit", f"{kind}_phase_fit")):
                     image = full_centred_image(arrays[key], antisymmetric=antisymmetric)
                     write_map(run.out_dir / f"group_{group}_{kind}_phase_{suffix}.mrc", image.astype(np.float32)[None], voxel)
-                    maps[f"{kind} {suffix}"] = image
-            phase_maps[f"phase_group_{group}"] = maps
         particles_path = str(particles_io.write_particle_set(pset, run.out_dir / "particles.star"))
     tomograms_path = str(tomograms_io.write_tomogram_set(tset, run.out_dir))
     inputs = run.inputs
@@ -668,9 +677,20 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
         fsc_path=_portable(inputs.get("fsc_path")), extra=dict(inputs.get("extra", {})), version="50001")
     write_optimisation_set(written, out)
     write_summary(summary, run.out_dir / "summary.json")
-    write_report(summary, run.out_dir, phase_maps)
+    write_report(summary, run.out_dir, _phase_maps(run.out_dir))
     _log(run, f"wrote {out}")
     return out
+
+
+def _phase_maps(out_dir: Path) -> dict:
+    """The aberration phase maps written in ``out_dir`` (``group_<g>_<kind>_phase_<fit>.mrc``), by group."""
+    from .io.maps import read_map
+
+    maps: dict = {}
+    for path in sorted(Path(out_dir).glob("group_*_phase_*.mrc")):
+        group, kind, _, fit = path.stem.split("_", 1)[1].split("_")
+        maps.setdefault(f"phase_group_{group}", {})[f"{kind} {fit}"] = np.squeeze(read_map(path)[0])
+    return maps
 
 
 def _portable(path: str | None) -> str | None:
@@ -708,6 +728,32 @@ def run_refinement(opt, options: RefineOptions, out_dir, command_line: str = "")
         if options.do_aberrations:
             refine_aberrations(out_dir, world)
         out = write_outputs(out_dir, world)
+        if options.assess and world.is_leader:
+            assess_refinement(out_dir)
         if world.is_leader:
             _log(Path(out_dir), f"finished in {time.time() - started:.1f} s")
         return out
+
+
+def assess_refinement(out_dir) -> dict:
+    """Reconstruct the particle with the input and with the refined CTF, and report the FSC gain
+    (``assess.json``, ``plots/fsc_before_after.png``, a section in summary.json and logfile.pdf)."""
+    from .assess import assess, summary_lines
+    from .io.maps import read_map_header
+    from .io.optimisation_set import read_optimisation_set
+    from .report import write_report, write_summary
+
+    run = Run.load(out_dir)
+    before = run.optimisation_set()
+    after = read_optimisation_set(run.out_dir / "optimisation_set.star")
+    crop = read_map_header(run.inputs["ref1_path"]).shape[0]
+    result = assess(before, after, run.out_dir / "assess", box_size_px=run.options.box_size_px, crop_size_px=crop,
+                    log=lambda message: _log(run, f"assess: {message}"))
+    for line in summary_lines(result):
+        _log(run, f"assess: {line}")
+    summary = json.loads((run.out_dir / "summary.json").read_text())
+    summary["assessment"] = result
+    write_summary(summary, run.out_dir / "summary.json")
+    figure = run.out_dir / "assess" / "fsc.png"
+    write_report(summary, run.out_dir, _phase_maps(run.out_dir), extra_images=[figure] if figure.exists() else [])
+    return result

@@ -105,8 +105,17 @@ def _hand_figure(plt, summary: dict):
     return figure
 
 
-def write_report(summary: dict, out_dir: Path, phase_maps: dict[str, dict[str, np.ndarray]] | None = None) -> list[Path]:
-    """Draw every plot of ``summary`` as PNGs under ``out_dir/plots`` and all of them in ``logfile.pdf``.
+def _image_figure(plt, path: Path):
+    figure, axis = plt.subplots(figsize=(8, 5))
+    axis.imshow(plt.imread(path))
+    axis.axis("off")
+    return figure
+
+
+def write_report(summary: dict, out_dir: Path, phase_maps: dict[str, dict[str, np.ndarray]] | None = None,
+                 extra_images: list[Path] = ()) -> list[Path]:
+    """Draw every plot of ``summary`` as PNGs under ``out_dir/plots`` and all of them in ``logfile.pdf``
+    (``extra_images``, PNGs made elsewhere such as the FSC before/after, are added as pages).
 
     Returns the PNG paths.
     """
@@ -126,6 +135,8 @@ def write_report(summary: dict, out_dir: Path, phase_maps: dict[str, dict[str, n
         figures.append((title, _phase_figure(plt, title.replace("_", " "), maps)))
     if any("hand" in t for t in summary["tomograms"].values()):
         figures.append(("hand_check", _hand_figure(plt, summary)))
+    for image in extra_images:
+        figures.append((Path(image).stem + "_before_after", _image_figure(plt, image)))
     paths = []
     tmp_pdf = out_dir / "logfile.pdf.part"
     with PdfPages(tmp_pdf) as pdf:
