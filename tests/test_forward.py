@@ -357,3 +357,20 @@ def test_fixture_odd_aberration_enters_as_exp_plus_i_chi_odd(fixture_data):
         projected = np.real(np.exp(-1j * sign * chi) * stats.b_s).sum(axis=(1, 2))
         explained[sign] = np.sum(projected**2 / stats.a_ss.sum(axis=(1, 2)))
     assert explained[1] > explained[0] + 20 and explained[0] > explained[-1] + 20
+
+
+def test_snr_from_half_maps_follows_relion():
+    """Half maps = signal + independent noise: the shell SNR weight is (tau^2 - sigma^2)/tau^2."""
+    rng = np.random.default_rng(4)
+    s = 24
+    signal = ndimage.gaussian_filter(rng.normal(size=(s, s, s)), 1.0) * 20
+    refs = reference.prepare_references(signal + rng.normal(size=(s, s, s)), signal + rng.normal(size=(s, s, s)), None, s)
+    weight, last = reference.snr_from_half_maps(refs)
+    f1, f2 = refs.half_maps_ft.astype(complex)
+    k = np.fft.fftfreq(s, 1 / s)
+    shell = np.floor(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(s // 2 + 1)[None, None, :] ** 2) + 0.5).astype(int)
+    for r in (2, 5, 9):
+        tau2 = np.mean((np.abs(f1) ** 2 + np.abs(f2) ** 2)[shell == r] / 2)
+        sigma2 = np.mean(np.abs(f1 - f2)[shell == r] ** 2 / 2)
+        assert weight[r] == pytest.approx((tau2 - sigma2) / tau2)
+    assert weight[2] > 0.9 and weight[last] >= 0.05 and (last == s // 2 or weight[last + 1] < 0.05)

@@ -343,22 +343,36 @@ def snr_from_fsc(fsc: np.ndarray, box_size_px: int) -> tuple[np.ndarray, int]:
     return weight, int((first_bad - 1) / scale)
 
 
+def _z_block(bricks: np.ndarray, block: int, grid_size: int) -> np.ndarray:
+    """The plain ``(B, n, n//2+1)`` slab of z slices ``[B*block, B*block + B)`` of one bricked half map."""
+    nb, _, nxb = bricks.shape[:3]
+    slab = bricks[block].transpose(2, 0, 3, 1, 4).reshape(BRICK, nb * BRICK, nxb * BRICK)
+    return slab[:, :grid_size, : grid_size // 2 + 1]
+
+
 def snr_from_half_maps(references: PreparedReferences) -> tuple[np.ndarray, int]:
     """Shell SNR weight ``(tau² - sigma²)/tau²`` and last shell (first below 0.05, minus 1) estimated
-    from the two prepared half maps (shells ``round(|k|)``), RELION's fallback without an FSC."""
-    maps = references.half_maps_ft
+    from the two prepared half maps (shells ``round(|k|)``), RELION's fallback without an FSC.
+    Streams over slabs of z slices (no full-size temporaries)."""
     n = references.grid_size
-    s = references.box_size_px
-    sh = s // 2 + 1
+    sh = references.box_size_px // 2 + 1
     k = np.fft.fftfreq(n, 1.0 / n)
-    radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2)
-    shell = np.floor(radius + 0.5).astype(int)
-    inside = shell < sh
-    f1 = maps[0].astype(np.complex128)
-    f2 = maps[1].astype(np.complex128)
-    counts = np.bincount(shell[inside], minlength=sh)
-    tau2 = np.bincount(shell[inside], weights=((np.abs(f1) ** 2 + np.abs(f2) ** 2) / 2)[inside], minlength=sh)
-    sigma2 = np.bincount(shell[inside], weights=(np.abs(f1 - f2) ** 2 / 2)[inside], minlength=sh)
+    radius_yx = k[:, None] ** 2 + np.arange(n // 2 + 1)[None, :] ** 2
+    counts = np.zeros(sh)
+    tau2 = np.zeros(sh)
+    sigma2 = np.zeros(sh)
+    for block in range(references.bricks.shape[1]):
+        f1 = _z_block(references.bricks[0], block, n).astype(np.complex128)
+        f2 = _z_block(references.bricks[1], block, n).astype(np.complex128)
+        for i in range(f1.shape[0]):
+            z = BRICK * block + i
+            if z >= n:
+                break
+            shell = np.floor(np.sqrt(radius_yx + k[z] ** 2) + 0.5).astype(int)
+            inside = shell < sh
+            counts += np.bincount(shell[inside], minlength=sh)
+            tau2 += np.bincount(shell[inside], weights=((np.abs(f1[i]) ** 2 + np.abs(f2[i]) ** 2) / 2)[inside], minlength=sh)
+            sigma2 += np.bincount(shell[inside], weights=(np.abs(f1[i] - f2[i]) ** 2 / 2)[inside], minlength=sh)
     tau2 = np.divide(tau2, counts, out=np.zeros(sh), where=counts > 0)
     sigma2 = np.divide(sigma2, counts, out=np.zeros(sh), where=counts > 0)
     weight = np.where((tau2 > 0) & (tau2 > sigma2), (tau2 - sigma2) / np.where(tau2 > 0, tau2, 1.0), 0.0)
