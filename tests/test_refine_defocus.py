@@ -92,6 +92,11 @@ def test_empty_tilts_keep_their_input_values_and_nothing_is_nan():
         np.testing.assert_array_equal(fit.scale[empty], input_scale[empty])
         for value in (fit.defocus_u_angstrom, fit.defocus_v_angstrom, fit.defocus_angle_deg, fit.scale, fit.scan_cost, fit.cost):
             assert not np.any(np.isnan(value))
+    # a frame range: tilts outside it keep their input values like empty ones
+    mask = np.array([True, True, False, True, True, True])
+    fit = refine_defocus(stats, WAVELENGTH, su, sv, sa, input_scale=input_scale, tilt_mask=mask)
+    assert list(fit.refined) == [True, False, False, False, True, False]
+    assert (fit.defocus_u_angstrom[2], fit.defocus_v_angstrom[2], fit.defocus_angle_deg[2], fit.scale[2]) == (su[2], sv[2], sa[2], 1.0)
 
 
 def test_results_do_not_depend_on_the_box_size():

@@ -182,6 +182,7 @@ def refine_aberrations(
     input_scales: dict | None = None,
     fit_constant_phase: bool = False,
     capture_angstrom: float = 1000.0,
+    tilt_masks: dict | None = None,
 ) -> AberrationFit:
     """Fit even (order ``even_order``) and odd (order ``odd_order``) Zernike aberrations of one optics
     group jointly with each tilt's defocus and scale.
@@ -214,6 +215,9 @@ def refine_aberrations(
         adds variance (and a common defocus error) unless the data really have one (phase plate).
     capture_angstrom : float
         Sets the first band of the continuation (see :func:`likelihood.fit_with_continuation`).
+    tilt_masks : dict[str, array of bool] or None
+        Tilts used per tomogram (RELION's frame range); the others are left out of the fit and keep
+        their input values.
     """
     names = list(statistics)
     boxes = {(statistics[n].box_size_px, round(float(statistics[n].pixel_size_angstrom), 6)) for n in names}
@@ -222,6 +226,9 @@ def refine_aberrations(
     first = statistics[names[0]]
     s, sh = first.box_size_px, first.box_size_px // 2 + 1
     datas = {n: BandStatistics.from_statistics(statistics[n], band) for n in names}
+    for n in names:
+        if tilt_masks is not None and n in tilt_masks:
+            datas[n].active &= np.asarray(tilt_masks[n], dtype=bool)
     ref = datas[names[0]]
     fx, fy = ref.freq_x, ref.freq_y
 

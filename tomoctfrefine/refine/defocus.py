@@ -163,6 +163,7 @@ def refine_defocus(
     input_scale=None,
     astigmatism_capture_angstrom: float = 1000.0,
     regularised_components: str = "astigmatism",
+    tilt_mask=None,
 ) -> DefocusFit:
     """Refine the central defocus (and astigmatism) of every tilt of one tomogram.
 
@@ -186,6 +187,9 @@ def refine_defocus(
         What the regularisation pulls together: only the astigmatism (default: a property of the
         microscope, common to the tilts, while the mean defocus of a tilt really varies along the series)
         or, as RELION does, the mean defocus as well.
+    tilt_mask : array_like of bool (n_tilts,) or None
+        Only these tilts are refined (RELION's ``--min_frame/--max_frame``); the others keep their
+        input values exactly as tilts without particles do.
     odd_phase_rad : ndarray (s, s//2+1) or None
         Current odd aberration phase (the statistics hold raw observations).
     input_scale : array_like (n_tilts,) or None
@@ -199,6 +203,8 @@ def refine_defocus(
     """
     n = statistics.n_tilts
     data = BandStatistics.from_statistics(statistics, band)
+    if tilt_mask is not None:
+        data.active &= np.asarray(tilt_mask, dtype=bool)
     if odd_phase_rad is not None:
         # psi is not refined here: fold exp(-i psi) into b once.
         rotation = np.exp(-1j * np.asarray(odd_phase_rad)[data.pixel_y, data.pixel_x])
