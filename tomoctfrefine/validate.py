@@ -145,6 +145,34 @@ _LABELS = {
 }
 
 
+#: Columns the engine reads as numbers (a text value there would stop the run late).
+NUMERIC_COLUMNS = (
+    *tomograms_io.SIZE, tomograms_io.HAND, tomograms_io.PIXEL_SIZE, tomograms_io.VOLTAGE, tomograms_io.CS,
+    tomograms_io.Q0, tomograms_io.FRACTIONAL_DOSE, tomograms_io.DOSE_BFACTOR, tomograms_io.DEFOCUS_SLOPE,
+    tomograms_io.FRAME_COUNT, *tomograms_io.ANGLES, *tomograms_io.SHIFTS, tomograms_io.DEFOCUS_U,
+    tomograms_io.DEFOCUS_V, tomograms_io.DEFOCUS_ANGLE, tomograms_io.SCALE, tomograms_io.BFACTOR,
+    tomograms_io.PHASE_SHIFT, tomograms_io.PRE_EXPOSURE, particles_io.OPTICS_GROUP, particles_io.HALF_SET,
+    *particles_io.CENTRED, *particles_io.COORDINATES, *particles_io.ORIGIN, *particles_io.ANGLES,
+    *particles_io.SUBTOMO_ANGLES,
+)
+
+
+def _non_numeric(col: _Collector, table, file, block: str) -> bool:
+    """Report text in columns read as numbers; True if there was any."""
+    found = False
+    for column in table.columns:
+        if column not in NUMERIC_COLUMNS or table[column].dtype.kind in "biuf":
+            continue
+        for row, value in enumerate(table[column].tolist()):
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                col.add(Problem(str(file), f"data_{block} has a non-numeric value in {column} (row {row + 1}: {str(value)!r})", "write a number there", column))
+                found = True
+                break
+    return found
+
+
 def _non_finite(col: _Collector, table, file, block: str) -> None:
     for column, count in non_finite_columns(table):
         col.add(Problem(str(file), f"data_{block} has {count} NaN or infinite value{'s' if count > 1 else ''} in {column}", "repair or remove those rows", column))
@@ -171,6 +199,9 @@ def _check_maps(opt: OptimisationSet, col: _Collector, report: InputReport, tilt
             file, key = col.origin(field_name)
             for p in error.problems:
                 col.add(Problem(p.file, p.message, p.fix, key))
+            continue
+        if np.issubdtype(header.dtype, np.complexfloating):
+            col.entry(field_name, f"{_LABELS[field_name]} {path} holds complex numbers ({header.dtype})", "give a real-space map (MRC mode 2)")
             continue
         if not header.size_matches:
             col.entry(field_name, f"{_LABELS[field_name]} {path} is shorter than its header says ({header.file_size_bytes} < {header.expected_size_bytes} bytes)", "the file is truncated: copy it again")
@@ -209,8 +240,23 @@ def _check_maps(opt: OptimisationSet, col: _Collector, report: InputReport, tilt
         col.add(Problem("command line", f"box size {box_size_px} px must be even and positive", "give an even box size"))
 
 
-def _check_tilt_images(col: _Collector, tset, name: str, tilt_count: int) -> tuple[int, int] | None:
+def _check_tilt_images(col: _Collector, tset, name: str, tilt_count: int, box_size_px=None) -> tuple[int, int] | None:
     """Check the tilt images of one tomogram; return their size (W, H) when readable."""
+    size = _check_tilt_image_files(col, tset, name, tilt_count)
+    if size is not None and box_size_px is not None and box_size_px > min(size):
+        col.add(Problem("command line", f"refinement box {box_size_px} px is larger than the tilt images of {name} ({size[0]} x {size[1]} px)",
+                        f"give a box of at most {min(size)} px (--b)", "--b"))
+    return size
+
+
+def _complex(col: _Collector, header, label: str, key: str) -> bool:
+    if np.issubdtype(header.dtype, np.complexfloating):
+        col.add(Problem(str(header.path), f"{label} holds complex numbers ({header.dtype}), not real pixel values", "give real-valued images (MRC mode 0, 1, 2, 6 or 12)", key))
+        return True
+    return False
+
+
+def _check_tilt_image_files(col: _Collector, tset, name: str, tilt_count: int) -> tuple[int, int] | None:
     stack, micrographs = tomograms_io.image_paths(tset, name)
     where = str(tset.path)
     declared = tomograms_io.declared_frame_count(tset, name)
@@ -224,6 +270,8 @@ def _check_tilt_images(col: _Collector, tset, name: str, tilt_count: int) -> tup
             header = read_map_header(stack)
         except InputError as error:
             col.extend(error, tomograms_io.STACK)
+            return None
+        if _complex(col, header, f"tilt stack of {name}", tomograms_io.STACK):
             return None
         if header.shape[0] != tilt_count:
             col.add(Problem(str(stack), f"tilt stack of {name} has {header.shape[0]} slices but its tilt table has {tilt_count} rows", "give the stack that matches the tilt table", tomograms_io.STACK))
@@ -246,6 +294,8 @@ def _check_tilt_images(col: _Collector, tset, name: str, tilt_count: int) -> tup
                 header = read_map_header(path)
             except InputError as error:
                 col.extend(error, tomograms_io.MICROGRAPH)
+                continue
+            if _complex(col, header, f"tilt image of {name}", tomograms_io.MICROGRAPH):
                 continue
             sizes.add((header.shape[2], header.shape[1]))
             if header.shape[0] != 1:
@@ -289,14 +339,26 @@ def inspect_inputs(opt: OptimisationSet, box_size_px: int | None = None, flag_na
         column_problems = tomograms_io.missing_columns(tset)
         for p in column_problems:
             col.add(p)
+        if _non_numeric(col, tset.global_table, tset.path, tomograms_io.GLOBAL_BLOCK):
+            column_problems.append("non-numeric")
         _non_finite(col, tset.global_table, tset.path, tomograms_io.GLOBAL_BLOCK)
         names = tomograms_io.tomogram_names(tset)
         for name in sorted({n for n in names if names.count(n) > 1}):
             col.add(Problem(str(tset.path), f"tomogram name {name} appears {names.count(name)} times", "give each tomogram a unique name", tomograms_io.NAME))
         for name in dict.fromkeys(names):
             table = tset.tilt_tables[name]
+            if _non_numeric(col, table, tset.tilt_paths.get(name, tset.path), name):
+                column_problems.append("non-numeric")
             _non_finite(col, table, tset.tilt_paths.get(name, tset.path), name)
-            size = _check_tilt_images(col, tset, name, len(table))
+            size = _check_tilt_images(col, tset, name, len(table), box_size_px)
+            pixel = tset.global_table.loc[tset.global_table[tomograms_io.NAME].astype(str) == name, tomograms_io.PIXEL_SIZE].iloc[0] \
+                if tomograms_io.PIXEL_SIZE in tset.global_table.columns else 1.0
+            try:
+                if float(pixel) <= 0:
+                    col.add(Problem(str(tset.path), f"tomogram {name} has pixel size {float(pixel):g} Å", "give the tilt-series pixel size in Å", tomograms_io.PIXEL_SIZE))
+                    continue
+            except (TypeError, ValueError):
+                continue
             try:
                 tomos[name] = tomograms_io.tomogram(tset, name, image_size=size or (0, 0))
             except (InputError, ValueError, KeyError, TypeError) as error:
@@ -351,11 +413,18 @@ def _check_particles(col: _Collector, report: InputReport, pset, tset, tomos: di
     column_problems = particles_io.missing_columns(pset)
     for p in column_problems:
         col.add(p)
+    if len(pset.particles) == 0:
+        col.add(Problem(where, "data_particles has no particles", "give the particles of the refinement (a RELION particles.star with rows)", "data_particles"))
+    if _non_numeric(col, pset.optics, where, particles_io.OPTICS) | _non_numeric(col, pset.particles, where, particles_io.PARTICLES):
+        column_problems = column_problems + ["non-numeric"]
     _non_finite(col, pset.optics, where, particles_io.OPTICS)
     _non_finite(col, pset.particles, where, particles_io.PARTICLES)
-    groups = particles_io.optics_groups(pset)
-    report.optics_groups = [(g.number, g.name, g.pixel_size_angstrom) for g in groups.values()]
     report.particle_count = len(pset.particles)
+    try:
+        groups = particles_io.optics_groups(pset)
+    except (TypeError, ValueError):  # NaN or text in data_optics, reported above
+        return
+    report.optics_groups = [(g.number, g.name, g.pixel_size_angstrom) for g in groups.values()]
     if column_problems:
         return
     halves = particles_io.half_sets(pset, np.arange(len(pset.particles)))
