@@ -52,8 +52,21 @@ def read_fsc(path: PathLike) -> FscCurve:
     missing = [c for c in (INDEX_COLUMN, FSC_COLUMN) if c not in table.columns]
     if missing:
         raise InputError([Problem(str(path), f"data_fsc lacks column {c}", "give RELION's postprocess.star", c) for c in missing])
+    if len(table) == 0:
+        raise InputError([Problem(str(path), "data_fsc has no rows", "give RELION's postprocess.star of the reference", "data_fsc")])
+    for column in (INDEX_COLUMN, FSC_COLUMN, RESOLUTION_COLUMN):
+        if column in table.columns:
+            values = pd.to_numeric(table[column], errors="coerce")
+            if values.isna().any() and not table[column].isna().equals(values.isna()):
+                row = int(np.flatnonzero(values.isna() & ~table[column].isna())[0])
+                raise InputError([Problem(str(path), f"data_fsc has a non-numeric value in {column} (row {row + 1}: {str(table[column].iloc[row])!r})",
+                                          "give RELION's postprocess.star of the reference", column)])
+            table = table.assign(**{column: values})
     table = table.sort_values(INDEX_COLUMN, kind="stable")
-    index = table[INDEX_COLUMN].to_numpy().astype(int)
+    index = table[INDEX_COLUMN].to_numpy(dtype=float)
+    if not np.all(np.isfinite(index)):
+        raise InputError([Problem(str(path), f"data_fsc has NaN or infinite values in {INDEX_COLUMN}", "give RELION's postprocess.star of the reference", INDEX_COLUMN)])
+    index = index.astype(int)
     if RESOLUTION_COLUMN in table.columns:
         resolution = table[RESOLUTION_COLUMN].to_numpy(dtype=float)
     else:
