@@ -45,6 +45,7 @@ def _defocus_figure(plt, name: str, tomogram: dict):
     after = (np.asarray(tomogram["defocus_u_after_angstrom"]) + np.asarray(tomogram["defocus_v_after_angstrom"])) / 2
     axes[0].plot(angle[order], before[order] / 1e4, "o-", color="0.6", label="before")
     sigma = np.asarray(tomogram.get("defocus_uncertainty_angstrom", np.zeros_like(after)), dtype=float)
+    sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, 0.0)  # -1 marks tilts without information
     axes[0].errorbar(angle[order], after[order] / 1e4, yerr=sigma[order] / 1e4, fmt="o-", color="C0", capsize=2, label="refined (±1σ)")
     if "defocus_true_angstrom" in tomogram:
         axes[0].plot(angle[order], np.asarray(tomogram["defocus_true_angstrom"])[order] / 1e4, "k+", label="truth")
