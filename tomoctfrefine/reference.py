@@ -95,12 +95,14 @@ class PreparedReferences:
         if 2 * half >= s:
             return self
         rows = np.r_[0:half, s - half:s]
-        bricks = []
-        for plain in self.bricks:
-            full = from_bricks(plain, s)
-            bricks.append(to_bricks(np.ascontiguousarray(full[rows][:, rows][:, :, : half + 1])))
-        return PreparedReferences(np.stack(bricks), 2 * half, self.box_size_px, self.pixel_size_angstrom,
-                                  float(max_radius_px))
+        nb, nxb = -(-2 * half // BRICK), -(-(half + 1) // BRICK)
+        bricks = np.empty((2, nb, nb, nxb, BRICK, BRICK, BRICK), dtype=self.bricks.dtype)
+        for h in range(2):
+            plain = np.empty((2 * half, 2 * half, half + 1), dtype=self.bricks.dtype)
+            for i, z in enumerate(rows):  # slab by slab: no full-size plain copy
+                plain[i] = _z_block(self.bricks[h], z // BRICK, s)[z % BRICK][rows, : half + 1]
+            to_bricks(plain, out=bricks[h])
+        return PreparedReferences(bricks, 2 * half, self.box_size_px, self.pixel_size_angstrom, float(max_radius_px))
 
 
 def pad_volume(volume: np.ndarray, box_size_px: int, dtype=np.float64) -> np.ndarray:
