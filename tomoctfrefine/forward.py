@@ -83,6 +83,7 @@ def tilt_gamma(tomogram, box_size_px: int, even_zernike: np.ndarray | list = (),
     ``(n_tilts, s, s//2+1)`` (or only ``tilts``); a particle at depth offset ``dz`` has
     ``gamma - pi lambda dz |k|^2``."""
     fx, fy = fourier_grid_per_angstrom(box_size_px, tomogram.pixel_size_angstrom)
+    even_zernike = () if even_zernike is None else even_zernike
     even = even_phase_rad(list(even_zernike), fx, fy) if len(even_zernike) else 0.0
     phase_shift = _per_tilt(tomogram, "phase_shift_deg", 0.0)
     tilts = range(len(phase_shift)) if tilts is None else tilts
