@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -153,6 +154,21 @@ def _save_arrays(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def _finished(path: Path) -> bool:
+    """True when ``path`` is a complete ``.npz``. A damaged one (truncated by a copy, or by a crash on a
+    file system without atomic rename) is removed, so that a resumed run redoes it instead of failing."""
+    if not path.exists():
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is None:
+                return True
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        pass
+    path.unlink(missing_ok=True)
+    return False
+
+
 def _load_arrays(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
@@ -240,7 +256,7 @@ class _Inputs:
         return optics_zernike(self.particle_set, group)
 
     def with_statistics(self) -> list[str]:
-        return [n for n in self.names if (self.run.temp / "statistics" / f"{n}.npz").exists()]
+        return [n for n in self.names if _finished(self.run.temp / "statistics" / f"{n}.npz")]
 
     def statistics(self, name: str) -> TiltStatistics:
         return TiltStatistics.load(self.run.temp / "statistics" / f"{name}.npz")
@@ -304,7 +320,7 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
     data = _Inputs(run)
     counts = {n: len(data.rows(n)) for n in data.names}
     mine = world.share([n for n in data.names if counts[n] > 0], [counts[n] for n in data.names if counts[n] > 0])
-    todo = [n for n in mine if not (options.only_do_unfinished and (run.temp / "statistics" / f"{n}.npz").exists())]
+    todo = [n for n in mine if not (options.only_do_unfinished and _finished(run.temp / "statistics" / f"{n}.npz"))]
     if len(todo) < len(mine):
         _log(run, f"prepare: {len(mine) - len(todo)} tomogram(s) already done, skipped (--only_do_unfinished)")
     if not todo:
@@ -402,7 +418,7 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
     mine = world.share(names, [len(data.rows(n)) for n in names])
     for name in mine:
         target = run.temp / "defocus" / f"{name}.npz"
-        if run.options.only_do_unfinished and target.exists():
+        if run.options.only_do_unfinished and _finished(target):
             continue
         started = time.time()
         statistics = data.statistics(name)
@@ -451,7 +467,7 @@ def _scale_evidence(run: Run, data: _Inputs, name: str):
     steps = ("aberrations", "defocus") if run.options.do_defocus else ("aberrations",)
     for step in steps:
         path = run.temp / step / f"{name}.npz"
-        if path.exists():
+        if _finished(path):
             arrays = _load_arrays(path)
             return arrays["scale"], arrays["scale_information"]
     from .refine.likelihood import BandStatistics, evaluate
@@ -538,7 +554,7 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
         starts = {}
         for n in members:
             path = run.temp / "defocus" / f"{n}.npz"
-            if options.do_defocus and path.exists():
+            if options.do_defocus and _finished(path):
                 arrays = _load_arrays(path)
                 starts[n] = DefocusFit(**{f.name: arrays.get(f.name) for f in fields(DefocusFit)})
         even, odd = data.zernike(group)
@@ -578,7 +594,7 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
 def _latest_defocus(run: Run, name: str) -> dict | None:
     for step in ("aberrations", "defocus"):
         path = run.temp / step / f"{name}.npz"
-        if path.exists():
+        if _finished(path):
             return _load_arrays(path)
     return None
 
