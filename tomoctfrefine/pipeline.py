@@ -274,6 +274,32 @@ class _Inputs:
 # Step 1: statistics
 
 
+def option_problems(options: RefineOptions) -> list[Problem]:
+    """Contradictory or impossible :class:`RefineOptions` (the CLI checks its flags first, naming them;
+    this catches the same mistakes made through the Python API)."""
+    problems = []
+
+    def add(name, message, fix):
+        problems.append(Problem("RefineOptions", message, fix, name))
+
+    if options.scale_mode not in ("per_frame", "per_tomogram", "global"):
+        add("scale_mode", f"unknown scale mode {options.scale_mode!r}", "use 'per_frame', 'per_tomogram' or 'global'")
+    if options.do_defocus and not options.defocus_scan_min_angstrom < options.defocus_scan_max_angstrom:
+        add("defocus_scan_min_angstrom", f"the defocus scan is empty: {options.defocus_scan_min_angstrom:g} Å is not below "
+            f"{options.defocus_scan_max_angstrom:g} Å", "scan a range such as -3000 to 3000 Å")
+    if options.do_defocus and options.defocus_scan_steps < 2:
+        add("defocus_scan_steps", f"the defocus scan needs at least 2 samples, got {options.defocus_scan_steps}", "use e.g. 100")
+    if options.do_even_aberrations and options.even_order not in (2, 4, 6, 8):
+        add("even_order", f"the even aberration order must be 2, 4, 6 or 8, got {options.even_order}", "use 4")
+    if options.do_odd_aberrations and options.odd_order not in (1, 3, 5, 7):
+        add("odd_order", f"the odd aberration order must be 1, 3, 5 or 7, got {options.odd_order}", "use 3")
+    if options.threads < 1:
+        add("threads", f"the thread count must be at least 1, got {options.threads}", "use 1 or more")
+    if not options.regularisation_lambda >= 0:
+        add("regularisation_lambda", f"the regularisation strength must be a non-negative number, got {options.regularisation_lambda:g}", "use e.g. 0.1")
+    return problems
+
+
 def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world: World | None = None) -> Run:
     """Validate the inputs, then accumulate every tomogram's sufficient statistics.
 
@@ -295,7 +321,7 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
 
     world = world or World()
     out_dir = Path(out_dir)
-    problems = validate_inputs(opt, box_size_px=options.box_size_px)
+    problems = option_problems(options) + validate_inputs(opt, box_size_px=options.box_size_px)
     inputs = _absolute_inputs(opt) if not problems else {}
     if not problems:
         problems += _check_output_folder(out_dir, inputs)
