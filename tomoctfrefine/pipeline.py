@@ -699,6 +699,9 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
             arrays = _load_arrays(path)
             even = arrays.get("even_coefficients")
             odd = arrays.get("odd_coefficients")
+            for label, values in (("even aberration", even), ("odd aberration", odd)):
+                if values is not None and not np.all(np.isfinite(values)):
+                    raise RuntimeError(f"optics group {group}: refusing to write non-finite {label} coefficients")
             pset = particles_io.with_zernike(pset, group, None if even is None else even.tolist(),
                                              None if odd is None else odd.tolist())
             summary.setdefault("aberrations", {})[str(group)] = {
@@ -717,9 +720,10 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
         trajectories_path=_portable(inputs.get("trajectories_path")), ref1_path=_portable(inputs.get("ref1_path")),
         ref2_path=_portable(inputs.get("ref2_path")), mask_path=_portable(inputs.get("mask_path")),
         fsc_path=_portable(inputs.get("fsc_path")), extra=dict(inputs.get("extra", {})), version="50001")
-    write_optimisation_set(written, out)
-    write_summary(summary, run.out_dir / "summary.json")
+    # optimisation_set.star last: it marks the run as finished, so it must not exist if anything failed
     write_report(summary, run.out_dir, _phase_maps(run.out_dir))
+    write_summary(summary, run.out_dir / "summary.json")
+    write_optimisation_set(written, out)
     _log(run, f"wrote {out}")
     return out
 
