@@ -30,7 +30,7 @@ from math import factorial
 import numpy as np
 
 from ..physics import zernike
-from .defocus import DefocusFit, assemble_defocus_fit, phase_basis_per_angstrom, regularisation_metric
+from .defocus import DefocusFit, absolute_parameters, assemble_defocus_fit, phase_basis_per_angstrom, regularisation_metric
 from .likelihood import BandStatistics, FrequencyBand, SharedPhase, TomogramTerm, fit_with_continuation
 
 
@@ -255,7 +255,9 @@ def refine_aberrations(
             rotation = np.exp(-1j * psi0)
             rotated = BandStatistics(**{**data.__dict__, "b_s": rotation * data.b_s, "b_c": rotation * data.b_c})
             metric = regularisation_lambda * regularisation_metric(rotated, basis, x, regularised_components)
-        terms.append(TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, fixed=not refine_defocus))
+        start = absolute_parameters(*current_ctf[name], data.n_tilts)[:, :m]
+        terms.append(TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, fixed=not refine_defocus,
+                                  regularisation_offset=start))
 
     wavelength = min(wavelength_angstrom[n] for n in names)
     result = fit_with_continuation(terms, shared, wavelength, capture_angstrom)

@@ -16,8 +16,10 @@ so the result does not depend on the input scale):
    (:func:`~tomoctfrefine.refine.likelihood.fit_with_continuation`), ending on the whole band.
 3. Standard errors from the Fisher information at the optimum (scale profiled out).
 
-Regularisation (optional): ``1/2 lambda sum_f (x_f - x_g)^T I_mean (x_f - x_g)`` with a free common
-change ``x_g`` and ``I_mean`` the mean Fisher matrix of the tilts with data. ``lambda`` is therefore
+Regularisation (optional): ``1/2 lambda sum_f (X_f - X_g)^T I_mean (X_f - X_g)`` on the tilts' *absolute*
+values ``X_f = X_f,start + x_f`` (mean defocus, ``a_c``, ``a_s`` of the whole quadratic form, so that
+per-tilt errors of the starting values are not carried into the common value), with a free common ``X_g``
+and ``I_mean`` the mean Fisher matrix of the tilts with data. ``lambda`` is therefore
 dimensionless and means the same whatever the box size, particle count or noise normalisation: a tilt
 with information ``I_f`` ends at ``(I_f x_own + lambda I_mean x_g) / (I_f + lambda I_mean)``;
 ``lambda = 1`` pulls every tilt towards the common value as strongly as the data of an average tilt pull
@@ -68,8 +70,9 @@ class DefocusFit:
     scan_offsets_angstrom : ndarray (scan_steps,)
     scan_cost : ndarray (n_tilts, scan_steps)
         Profiled cost of the scan relative to ``1/2 sum m oo`` (lower is better).
-    common_change_angstrom : ndarray (3,) or None
-        The common change ``x_g`` of a regularised fit.
+    common_angstrom : ndarray (3,) or None
+        The common absolute value ``X_g`` = (mean defocus, ``a_c``, ``a_s``) of a regularised fit
+        (``A = -[[D + a_c, a_s], [a_s, D - a_c]]``; astigmatism ``hypot(a_c, a_s)``).
     """
 
     defocus_u_angstrom: np.ndarray
@@ -85,13 +88,24 @@ class DefocusFit:
     cost: np.ndarray
     scan_offsets_angstrom: np.ndarray
     scan_cost: np.ndarray
-    common_change_angstrom: np.ndarray | None = None
+    common_angstrom: np.ndarray | None = None
 
 
 def phase_basis_per_angstrom(wavelength_angstrom: float, freq_x, freq_y) -> np.ndarray:
     """``d delta / d (dz, a_c, a_s)`` in rad/Å, shape ``(3, *freq.shape)``."""
     k1 = np.pi * wavelength_angstrom
     return -k1 * np.stack([freq_x**2 + freq_y**2, freq_x**2 - freq_y**2, 2 * freq_x * freq_y])
+
+
+def absolute_parameters(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, n_tilts: int) -> np.ndarray:
+    """``(D, a_c, a_s)`` of each tilt's CTF, ``A = -[[D + a_c, a_s], [a_s, D - a_c]]`` (Å), shape (n, 3);
+    a change ``(dz, a_c, a_s)`` adds to them linearly."""
+    out = np.empty((n_tilts, 3))
+    u, v, a = (np.broadcast_to(np.asarray(x, dtype=float), (n_tilts,)) for x in (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg))
+    for f in range(n_tilts):
+        a_xx, a_xy, a_yy = quadratic_form_from_defocus(u[f], v[f], a[f])
+        out[f] = (-(a_xx + a_yy) / 2, -(a_xx - a_yy) / 2, -a_xy)
+    return out
 
 
 def apply_defocus_change(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, change_angstrom):
@@ -222,19 +236,16 @@ def refine_defocus(
     metric = None
     if regularised_components not in ("astigmatism", "all"):
         raise ValueError(f"regularised_components must be 'astigmatism' or 'all', got {regularised_components!r}")
-    if regularisation_lambda > 0 and (regularised_components == "all" or m == 3):
-        j_common = int(np.argmin(scan[data.active].sum(axis=0))) if data.active.any() else 0
-        common = np.zeros(m)
-        common[0] = offsets[j_common]
-        metric = regularisation_lambda * regularisation_metric(data, basis, np.tile(common, (n, 1)), regularised_components)
-        penalised = scan + 0.5 * metric[0, 0] * (offsets[None, :] - offsets[j_common]) ** 2
-        x[:, 0] = offsets[np.argmin(penalised, axis=1)]
-    else:
-        common = None
-        x[:, 0] = offsets[np.argmin(scan, axis=1)]
+    x[:, 0] = offsets[np.argmin(scan, axis=1)]
     x[~data.active] = 0.0
-
-    term = TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, common=common)
+    start = absolute_parameters(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, n)[:, :m]
+    if regularisation_lambda > 0 and (regularised_components == "all" or m == 3):
+        metric = regularisation_lambda * regularisation_metric(data, basis, x, regularised_components)
+        if metric[0, 0] > 0 and data.active.any():
+            common_defocus = np.median((start[:, 0] + x[:, 0])[data.active])
+            penalised = scan + 0.5 * metric[0, 0] * (start[:, :1] + offsets[None, :] - common_defocus) ** 2
+            x[data.active, 0] = offsets[np.argmin(penalised, axis=1)][data.active]
+    term = TomogramTerm(data=data, tilt_basis=basis, x=x, regularisation_metric=metric, regularisation_offset=start)
     result = fit_with_continuation([term], None, wavelength_angstrom, astigmatism_capture_angstrom)
 
     return assemble_defocus_fit(
@@ -264,10 +275,12 @@ def assemble_defocus_fit(term, result, index, defocus_u_angstrom, defocus_v_angs
     u_in, v_in, a_in = (np.broadcast_to(np.asarray(a, dtype=float), (n,)).copy() for a in (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg))
     u, v, angle = apply_defocus_change(u_in, v_in, a_in, change)
     u[~refined], v[~refined], angle[~refined] = u_in[~refined], v_in[~refined], a_in[~refined]
-    common_change = None
-    if term.common is not None:
-        common_change = np.zeros(3)
-        common_change[:m] = term.common
+    common = None
+    if term.common is not None and term.regularisation_metric is not None:
+        common = np.zeros(3)
+        common[:m] = term.common
+        if m < 3:  # unregularised components: the mean of the tilts' absolute values
+            common[m:] = absolute_parameters(u, v, angle, n)[refined][:, m:].mean(axis=0) if refined.any() else 0.0
     return DefocusFit(
         defocus_u_angstrom=u,
         defocus_v_angstrom=v,
@@ -282,5 +295,5 @@ def assemble_defocus_fit(term, result, index, defocus_u_angstrom, defocus_v_angs
         cost=result.costs[index],
         scan_offsets_angstrom=np.zeros(0) if offsets is None else offsets,
         scan_cost=np.zeros((n, 0)) if scan is None else scan,
-        common_change_angstrom=common_change,
+        common_angstrom=common,
     )

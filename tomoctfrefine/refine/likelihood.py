@@ -238,9 +238,12 @@ class TomogramTerm:
     fixed_delta : ndarray or float
         Extra phase not fitted (rad), broadcastable to ``(n_tilts, n_pixels)``.
     regularisation_metric : ndarray (m, m) or None
-        If set, ``1/2 sum_f (x_f - x_g)^T M (x_f - x_g)`` is added with a free common ``x_g``.
+        If set, ``1/2 sum_f (x_f + o_f - x_g)^T M (x_f + o_f - x_g)`` is added with a free common
+        ``x_g``: the tilts' *absolute* values ``x_f + o_f`` are pulled together.
     common : ndarray (m,) or None
         Starting common value ``x_g``.
+    regularisation_offset : ndarray (n_tilts, m) or None
+        ``o_f``: each tilt's starting value in the same parametrisation (0 if None).
     """
 
     data: BandStatistics
@@ -250,6 +253,10 @@ class TomogramTerm:
     regularisation_metric: np.ndarray | None = None
     common: np.ndarray | None = None
     fixed: bool = False
+    regularisation_offset: np.ndarray | None = None
+
+    def absolute(self, x: np.ndarray) -> np.ndarray:
+        return x if self.regularisation_offset is None else x + self.regularisation_offset
 
 
 @dataclass
@@ -313,7 +320,7 @@ def _phases(term, shared, x):
 def _penalty(term, x, common):
     if term.regularisation_metric is None:
         return np.zeros(len(x))
-    d = np.where(term.data.active[:, None], x - common, 0.0)
+    d = np.where(term.data.active[:, None], term.absolute(x) - common, 0.0)
     return 0.5 * np.einsum("fa,ab,fb->f", d, term.regularisation_metric, d)
 
 
@@ -357,7 +364,7 @@ def _system(terms, shared, xs, commons, layout):
         if offset is not None:
             metric = term.regularisation_metric
             active = term.data.active
-            d = np.where(active[:, None], x - common, 0.0)
+            d = np.where(active[:, None], term.absolute(x) - common, 0.0)
             g_f = g_f + d @ metric
             h_ff = h_ff + active[:, None, None] * metric
             sl = slice(offset, offset + m)
@@ -441,7 +448,7 @@ def fit(terms: list[TomogramTerm], shared: SharedPhase | None = None, max_iterat
     for term in terms:
         if term.regularisation_metric is not None and term.common is None:
             active = term.data.active
-            term.common = term.x[active].mean(axis=0) if active.any() else np.zeros(term.x.shape[1])
+            term.common = term.absolute(term.x)[active].mean(axis=0) if active.any() else np.zeros(term.x.shape[1])
     separable = n_global == 0
     xs = [t.x for t in terms]
     commons = [t.common for t in terms]
@@ -562,6 +569,7 @@ def _subset_term(term: TomogramTerm, keep: np.ndarray) -> TomogramTerm:
     return TomogramTerm(
         data=term.data.subset(keep), tilt_basis=term.tilt_basis[:, keep], x=term.x, fixed_delta=fixed,
         regularisation_metric=term.regularisation_metric, common=term.common, fixed=term.fixed,
+        regularisation_offset=term.regularisation_offset,
     )
 
 
