@@ -436,6 +436,7 @@ def _defocus_arrays(fit) -> dict:
 def refine_defocus(out_dir, world: World | None = None) -> None:
     """Refine every tomogram's per-tilt defocus and astigmatism (scale profiled out); also the hand check."""
     from .refine import defocus as defocus_mod
+    from .refine.handedness import check_handedness
 
     world = world or World()
     run = Run.load(out_dir)
@@ -449,6 +450,7 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
         started = time.time()
         statistics = data.statistics(name)
         tomo = data.tomogram(name)
+        selected = data.frame_range(tomo.tilt_count)
         kwargs = dict(
             scan_min_angstrom=run.options.defocus_scan_min_angstrom,
             scan_max_angstrom=run.options.defocus_scan_max_angstrom,
@@ -457,31 +459,24 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
             regularisation_lambda=run.options.regularisation_lambda if run.options.regularise_defocus else 0.0,
             odd_phase_rad=_odd_phase(data, name, statistics),
             input_scale=tomo.ctf_scale,
+            tilt_mask=selected,
         )
-        fit = defocus_mod.refine_defocus(statistics, tomo.optics.wavelength_angstrom, tomo.defocus_u_angstrom,
-                                         tomo.defocus_v_angstrom, tomo.defocus_angle_deg, **kwargs)
-        selected = data.frame_range(tomo.tilt_count)
-        fit.refined &= selected
-        arrays = _defocus_arrays(fit)
-        hand = _hand_check(statistics, tomo, fit, kwargs)
-        _save_arrays(target, **{k: v for k, v in arrays.items() if v is not None}, **hand)
+        ctf = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
+        fit = defocus_mod.refine_defocus(statistics, tomo.optics.wavelength_angstrom, *ctf, **kwargs)
+        hand = {}
+        if statistics.flipped_hand is not None:
+            options_for_hand = {k: v for k, v in kwargs.items() if k != "band"}
+            verdict = check_handedness(statistics, tomo.optics.wavelength_angstrom, *ctf, input_fit=fit,
+                                       band=kwargs["band"], **options_for_hand)
+            hand = {"hand_log_likelihood_gain": np.array(verdict.log_likelihood_ratio),
+                    "hand_z_score": np.array(verdict.z_score), "hand_verdict": np.array(verdict.verdict),
+                    "hand_message": np.array(verdict.message)}
+            _log(run, f"hand: {name}: {verdict.message}")
+        _save_arrays(target, **{k: v for k, v in _defocus_arrays(fit).items() if v is not None}, **hand)
         _log(run, f"defocus: {name}: {int(fit.refined.sum())}/{tomo.tilt_count} tilts refined, median "
                   f"uncertainty {np.median(fit.uncertainty_angstrom[fit.refined]) if fit.refined.any() else float('nan'):.0f} Å, "
                   f"{time.time() - started:.1f} s")
     world.barrier()
-
-
-def _hand_check(statistics: TiltStatistics, tomo, fit, kwargs) -> dict:
-    """Compare the best fit under the input hand with the best fit under the flipped hand."""
-    from .refine import defocus as defocus_mod
-
-    if statistics.flipped_hand is None:
-        return {}
-    flipped = defocus_mod.refine_defocus(statistics.flipped_hand, tomo.optics.wavelength_angstrom, tomo.defocus_u_angstrom,
-                                         tomo.defocus_v_angstrom, tomo.defocus_angle_deg, **kwargs)
-    both = fit.refined & flipped.refined
-    gain = float(np.sum(flipped.cost[both]) - np.sum(fit.cost[both]))
-    return {"hand_log_likelihood_gain": np.array(gain)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,15 +491,10 @@ def _scale_evidence(run: Run, data: _Inputs, name: str):
         if _finished(path):
             arrays = _load_arrays(path)
             return arrays["scale"], arrays["scale_information"]
-    from .refine.likelihood import BandStatistics, evaluate
+    from .refine.scale import scale_evidence
 
     statistics = data.statistics(name)
-    band_data = BandStatistics.from_statistics(statistics, _band(run, statistics))
-    odd = _odd_phase(data, name, statistics)
-    psi = None if odd is None else odd[band_data.pixel_y, band_data.pixel_x]
-    evaluation = evaluate(band_data, 0.0, psi)
-    information = np.where(band_data.active, evaluation.s_p, 0.0)
-    return evaluation.scale, information
+    return scale_evidence(statistics, odd_phase_rad=_odd_phase(data, name, statistics), band=_band(run, statistics))
 
 
 def refine_scale(out_dir, world: World | None = None) -> None:
@@ -596,6 +586,7 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
             regularisation_lambda=options.regularisation_lambda if options.regularise_defocus else 0.0,
             band=_band(run, statistics[members[0]]),
             input_scales={n: tomos[n].ctf_scale for n in members},
+            tilt_masks={n: data.frame_range(tomos[n].tilt_count) for n in members},
         )
         for n in members:
             _save_arrays(run.temp / "aberrations" / f"{n}.npz", **_defocus_arrays(fit.defocus[n]))
@@ -667,11 +658,11 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
                          refined=latest["refined"])
         defocus_file = run.temp / "defocus" / f"{name}.npz"
         if defocus_file.exists():
-            hand = _load_arrays(defocus_file).get("hand_log_likelihood_gain")
-            if hand is not None:
-                gain = float(hand)
-                entry["hand"] = {"log_likelihood_gain": gain,
-                                 "verdict": "input hand fits better" if gain > 0 else "FLIPPED hand fits better: check rlnTomoHand"}
+            arrays = _load_arrays(defocus_file)
+            if "hand_verdict" in arrays:
+                entry["hand"] = {"log_likelihood_gain": float(arrays["hand_log_likelihood_gain"]),
+                                 "z_score": float(arrays["hand_z_score"]), "verdict": str(arrays["hand_verdict"]),
+                                 "message": str(arrays["hand_message"])}
         scale_file = run.temp / "scale" / f"{name}.npz"
         if options.do_scale and scale_file.exists():
             scale_arrays = _load_arrays(scale_file)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
               f"{100 * rms(refined.ctf_scale / factor / true['scale'] - 1):.1f} %")
         hand = summary["tomograms"][name].get("hand")
         if hand:
-            print(f"hand check: {hand['verdict']} (log-likelihood gain {hand['log_likelihood_gain']:.1f})")
+            print(f"hand check: {hand['message']}")
     if not args.no_assess:
         from ..assess import assess, summary_lines
 
