@@ -364,7 +364,7 @@ class ProtTomoCtfRefine(EMProtocol):
 
         try:
             opt = read_optimisation_set(path)
-            problems = [str(problem) for problem in validate_inputs(opt, box_size_px=self.boxSize.get())]
+            problems = [_form_message(problem) for problem in validate_inputs(opt, box_size_px=self.boxSize.get())]
         except InputError as error:
             return [str(problem) for problem in error.problems]
         if not problems:
@@ -398,6 +398,19 @@ class ProtTomoCtfRefine(EMProtocol):
 
     def _citations(self):
         return ["Burt2024", "Zivanov2022"]
+
+
+#: The engine validator names command-line flags; the form shows its labels instead.
+FORM_LABELS = {"--b": "Box size for estimation"}
+
+
+def _form_message(problem) -> str:
+    """An engine ``Problem`` in the form's words (flag -> form label)."""
+    label = FORM_LABELS.get(problem.key)
+    if label is None:
+        return str(problem)
+    fix = problem.fix.replace(f" ({problem.key})", "")
+    return f"{label}: {problem.message}" + (f"; {fix}" if fix else "")
 
 
 def _smallest_tilt_image_px(opt) -> int | None:

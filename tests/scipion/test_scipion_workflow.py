@@ -36,8 +36,22 @@ def _read(path):
     return read_star(path).blocks
 
 
-def _launch(project, protocol):
-    project.launchProtocol(protocol, wait=True)
+def _launch(project, protocol, timeout_s=None):
+    """Run ``protocol`` to its end; with ``timeout_s``, stop it and fail if it takes longer (a hung
+    MPI job must fail the test, not hang CI)."""
+    import time
+
+    if timeout_s is None:
+        project.launchProtocol(protocol, wait=True)
+    else:
+        project.launchProtocol(protocol, wait=False)
+        deadline = time.time() + timeout_s
+        while protocol.isActive() and time.time() < deadline:
+            time.sleep(0.5)
+            project._updateProtocol(protocol)
+        if protocol.isActive():
+            project.stopProtocol(protocol)
+            raise AssertionError(f"{protocol.getRunName()} still running after {timeout_s} s: stopped")
     if not protocol.isFinished():
         logs = "\n".join(protocol.getLogsLastLines(40)) if hasattr(protocol, "getLogsLastLines") else ""
         raise AssertionError(f"{protocol.getRunName()} ended {protocol.getStatus()}:\n{logs}")
@@ -169,7 +183,8 @@ def test_validate_optimisation_set_input(project):
     new = project["project"].newProtocol
     assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet=opt, boxSize=128).validate() == engine
     assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet=opt, boxSize=300).validate() == engine + [
-        "Box size 300 px is larger than the tilt images (256 px): use at most 256."]
+        "Box size for estimation: refinement box 300 px is larger than the tilt images of TS_01 (256 x 256 px); "
+        "give a box of at most 256 px"]
     assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet="/nonexistent/opt.star").validate() == engine + [
         "Optimisation set '/nonexistent/opt.star' not found: give an existing optimisation_set.star."]
 
@@ -294,7 +309,7 @@ def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
 def test_full_run_refines_defocus_towards_truth(project):
     protocol = _refine_protocol(project, None, doDefocusReg=True, numberOfMpi=2)
-    _launch(project["project"], protocol)
+    _launch(project["project"], protocol, timeout_s=120)
     log = Path(protocol.getLogPaths()[0]).read_text()
     assert "mpirun -np 2" in log and "engine_step.py prepare" in log  # the statistics step ran on 2 MPI ranks
     truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())["tomograms"]["TS_01"]
@@ -328,6 +343,7 @@ def test_full_run_refines_defocus_towards_truth(project):
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
 def test_stop_after_prepare_then_continue_skips_finished_steps(project):
     """Stop the run once the statistics exist, continue it: prepare is not run again, the rest is."""
+    import sqlite3
     import time
 
     proj = project["project"]
@@ -337,7 +353,10 @@ def test_stop_after_prepare_then_continue_skips_finished_steps(project):
     deadline = time.time() + 300
     finished = set()
     while time.time() < deadline:
-        finished = {step.funcName.get() for step in protocol.loadSteps() if step.isFinished()}
+        try:
+            finished = {step.funcName.get() for step in protocol.loadSteps() if step.isFinished()}
+        except sqlite3.OperationalError:  # the run has created steps.sqlite but not its tables yet
+            finished = set()
         if "prepareStep" in finished:
             break
         time.sleep(0.02)
