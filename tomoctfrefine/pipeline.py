@@ -130,20 +130,9 @@ class Run:
 
 
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=_jsonable))
-    os.replace(tmp, path)
+    from .report import write_summary
 
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    write_summary(data, path)
 
 
 def _save_arrays(path: Path, **arrays) -> None:

@@ -22,8 +22,9 @@ def _pyplot():
 
 
 def write_summary(summary: dict, path: Path) -> None:
-    """Write ``summary.json`` atomically (NaN is refused: the summary is read by other programs)."""
+    """Write JSON (``summary.json``, the run state) atomically; NaN is refused: other programs read it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(summary, indent=1, allow_nan=False, default=_jsonable))
     os.replace(tmp, path)
@@ -34,6 +35,8 @@ def _jsonable(value):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
