@@ -545,6 +545,8 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
     run = Run.load(out_dir)
     if not world.is_leader:
         world.barrier()
+        if run.options.do_scale:
+            refine_scale(out_dir, world)  # the leader refits the scale after the joint fit: meet its barrier
         return
     options = run.options
     data = _Inputs(run)
