@@ -155,6 +155,18 @@ def test_validate_catches_bad_combinations(project):
     errors = protocol.validate()
     assert any("exclusive" in e for e in errors)
     assert any("Box size 300 px is larger than the tilt images (256 x 256 px)" in e for e in errors)
+    # The same half maps declared at 4 Å/px (a bin-2 average): refused.
+    from pwem.protocols import ProtImportVolumes
+
+    relion = project["relion"]
+    binned = _launch(project["project"], project["project"].newProtocol(
+        ProtImportVolumes, filesPath=str(relion / "ref" / "map_true.mrc"), samplingRate=4.0, setHalfMaps=True,
+        half1map=str(relion / "ref" / "half1.mrc"), half2map=str(relion / "ref" / "half2.mrc")))
+    at_bin2 = _refine_protocol(project, None)
+    at_bin2.recVolume.set(binned)
+    at_bin2.recVolume.setExtended("outputVolume")
+    assert "The reference is at 4.000 Å/px but the tilt series are at 2.000 Å/px: the refinement needs the average " \
+           "at bin 1 (reconstruct it at the tilt series' pixel size)." in at_bin2.validate()
     ok = _refine_protocol(project, None)
     assert ok.validate() == ([] if HAVE_PIPELINE else [
         "tomoctfrefine's engine (tomoctfrefine.pipeline) is not installed: reinstall tomoctfrefine (pip install -e .[all])."])
@@ -308,7 +320,7 @@ def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
 
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
 def test_full_run_refines_defocus_towards_truth(project):
-    protocol = _refine_protocol(project, None, doDefocusReg=True, numberOfMpi=2)
+    protocol = _refine_protocol(project, None, doDefocusReg=True, numberOfMpi=2, refineOddAbe=True, refineEvenAbe=True)
     _launch(project["project"], protocol, timeout_s=120)
     log = Path(protocol.getLogPaths()[0]).read_text()
     assert "mpirun -np 2" in log and "engine_step.py prepare" in log  # the statistics step ran on 2 MPI ranks
@@ -330,6 +342,14 @@ def test_full_run_refines_defocus_towards_truth(project):
     print(f"full run: mean-defocus RMS error {rms_before:.0f} Å -> {rms_after:.0f} Å (RELION 5.0.1: 309 Å)")
     assert rms_after < 309, (rms_before, rms_after)
     assert protocol.coordinates.getSize() == 30
+    # The particles carry the engine's Zernike coefficients exactly; the true terms of the simulation
+    # (even 8 = 600, odd 2 = 150, odd 5 = -100 rad) come out with their signs (30 particles only).
+    from tomoctfrefine.protocols.convert import read_zernike
+
+    even, odd = json.loads(protocol.coordinates._evenZernike.get()), json.loads(protocol.coordinates._oddZernike.get())
+    assert (even, odd) == read_zernike(protocol.coordinates._relionParticles.get())[1]
+    assert len(even) == 9 and len(odd) == 6
+    assert even[8] > 300 and odd[2] > 75 and odd[5] < -50, (even, odd)
     sigmas = [ctf._defocusUncertainty.get() for series in protocol.CTFs.iterItems() for ctf in series.iterItems()]
     assert len(sigmas) == 13 and all(0 < s < 1000 for s in sigmas)
     # Analyze Results shows the report's plots.
