@@ -60,7 +60,14 @@ class World:
 
         try:
             yield
-        except InputError:
+        except InputError as error:
+            if self.size > 1:
+                # raised on this rank only (e.g. a problem found in its share of the tomograms): the
+                # other ranks would wait for it forever at the next barrier
+                for problem in error.problems:
+                    print(f"error: rank {self.rank}: {problem}", file=sys.stderr)
+                sys.stderr.flush()
+                self.abort(2)
             raise
         except BaseException as error:  # noqa: BLE001 - any failure must stop the whole job
             if self.size > 1 and not isinstance(error, SystemExit):
