@@ -207,6 +207,14 @@ def refined_table(out_dir: Path, data: Path) -> dict:
         return ctf_table(read_optimisation_set((Path(out_dir) / "optimisation_set.star").resolve()))
 
 
+def ctf_table_of(opt_path: Path, data: Path) -> dict:
+    """:func:`ctf_table` of the optimisation set at ``opt_path`` (paths resolved from the dataset folder)."""
+    from tomoctfrefine.io.optimisation_set import read_optimisation_set
+
+    with in_folder(data):
+        return ctf_table(read_optimisation_set(Path(opt_path).resolve()))
+
+
 def ctf_table(opt) -> dict:
     """Per tomogram CTF arrays and the optics group's Zernike coefficients of an optimisation set."""
     from tomoctfrefine.io import particles as particles_io

@@ -61,7 +61,7 @@ def test_refined_ctf_map_is_within_0_01_of_the_true_ctf_map(refined):
                                    ("true", data / "truth" / "optimisation_set_true.star"))}
     assert measures["true"] > 0.5, measures
     assert measures["after"] >= measures["true"] - 0.01, measures
-    assert measures["before"] < measures["true"] - 0.02, measures  # the starting CTF is visibly worse
+    assert measures["before"] < measures["true"] - 0.015, measures  # the starting CTF is visibly worse (0.022 here)
 
 
 def test_total_quadratic_form_counts_zernike_defocus_and_astigmatism():
