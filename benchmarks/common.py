@@ -260,6 +260,47 @@ def bounds_at_truth(data: Path, box: int, work: Path, log=print, in_process: boo
     return bounds
 
 
+def bounds_from_refinement(data: Path, out_dir: Path) -> dict:
+    """Per tomogram: the same Cramér-Rao bounds as :func:`bounds_at_truth`, from the refinement's own
+    statistics (``out_dir/temp/statistics``, accumulated at the *starting* CTF) rotated to the true CTF.
+
+    Exact, not an approximation: the Fisher information only involves the ``A`` terms, and an extra phase
+    ``delta(k)`` common to a tilt's particles turns ``A`` at the starting CTF into ``A`` at the true one
+    (:mod:`tomoctfrefine.refine.bounds`); ``delta`` = true minus starting quadratic form plus true minus
+    starting even Zernike phase. Particles' depth offsets are in the statistics: when the input names the
+    wrong hand, the statistics of the opposite hand (``flipped_hand``) are the ones of the true model.
+    Saves the second pass over the images that :func:`bounds_at_truth` makes.
+    """
+    from tomoctfrefine.physics.zernike import even_phase_rad
+    from tomoctfrefine.refine.defocus import absolute_parameters, phase_basis_per_angstrom
+    from tomoctfrefine.refine.likelihood import BandStatistics, FrequencyBand, evaluate, weighted_gram
+    from tomoctfrefine.statistics import TiltStatistics
+
+    truth = truth_table(data)
+    start = ctf_table_of(data / "optimisation_set.star", data)
+    wrong_hand = truth["json"]["written_hand"] != truth["json"]["hand"]
+    bounds = {}
+    for name, t in truth["tomograms"].items():
+        stats = TiltStatistics.load(Path(out_dir) / "temp" / "statistics" / f"{name}.npz")
+        if wrong_hand:
+            stats = stats.flipped_hand
+        n = stats.n_tilts
+        wavelength = truth["json"]["wavelength_A"]
+        band = BandStatistics.from_statistics(stats, FrequencyBand(kmin_angstrom=None))
+        basis = phase_basis_per_angstrom(wavelength, band.freq_x, band.freq_y)
+        st = start["tomograms"][name]
+        change = absolute_parameters(t["dfu"], t["dfv"], t["dfang"], n) - absolute_parameters(st["dfu"], st["dfv"], st["dfang"], n)
+        delta = change @ basis + (even_phase_rad(truth["json"]["even"], band.freq_x, band.freq_y)
+                                  - even_phase_rad(start["even"], band.freq_x, band.freq_y))[None]
+        ev = evaluate(band, delta, None, derivatives=True, fixed_scale=t["scale"])
+        i_dz = weighted_gram(ev.fisher_delta, basis, basis)[:, 0, 0]
+        i_cc = np.asarray(ev.s_p, dtype=float)
+        with np.errstate(divide="ignore"):
+            bounds[name] = {"defocus": np.where(i_dz > 0, 1 / np.sqrt(np.maximum(i_dz, 1e-300)), np.inf),
+                            "scale": np.where(i_cc > 0, 1 / np.sqrt(np.maximum(i_cc, 1e-300)), np.inf)}
+    return bounds
+
+
 def zernike_quadratic(even: list, wavelength_angstrom: float) -> tuple[float, float, float]:
     """The ``|k|^2`` part of an even Zernike phase as a defocus change ``(dz, a_c, a_s)`` in Å:
     phase ``= -pi lambda (dz |k|^2 + a_c (kx^2 - ky^2) + a_s 2 kx ky)``, so that the total defocus is

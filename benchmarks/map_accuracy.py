@@ -13,7 +13,8 @@ per-frame scale; even order 4 and odd order 3 aberrations too for map_aberration
 particle is reconstructed like the issue's ``relion_tomo_reconstruct_particle --b 256 --crop 128`` with the
 starting, refined and true CTF; each map is compared with the true map inside the mask (masked
 correlation, FSC 0.5 and 0.143 against it). The per-tilt defocus and scale errors are given per dose band
-next to their Cramér-Rao bounds (statistics at the true CTF, box ``--bound-box``), and the even/odd
+next to their Cramér-Rao bounds (the refinement's statistics taken to the true CTF, see
+``common.bounds_from_refinement``), and the even/odd
 phase errors from 30 Å to Nyquist (2.7 Å).
 
 If ``RELION_BIN`` names the folder of RELION 5's binaries, ``relion_tomo_refine_ctf`` is run with the same
@@ -104,7 +105,6 @@ def main(argv=None) -> None:
     parser.add_argument("--regularisation", choices=("wiener", "relion"), default="relion",
                         help="reconstruction regularisation (relion: the maps relion_tomo_reconstruct_particle writes, "
                              "as in the issue's measurements; wiener: per-shell Wiener from the half sets)")
-    parser.add_argument("--bound-box", type=int, default=256, help="box of the statistics at the true CTF for the bounds")
     args = parser.parse_args(argv)
     boxes = [int(b) for b in args.boxes.split(",") if b.strip()]
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -121,7 +121,6 @@ def main(argv=None) -> None:
             parser.error(f"--only: unknown dataset {name!r}")
         data = common.dataset(name, name, log=log)
         everything = name == "map_aberrations"
-        bounds = common.bounds_at_truth(data, args.bound_box, common.CACHE / "out" / f"{name}_truth_b{args.bound_box}", log=log)
         rows = []
 
         def map_of(path, tag):
@@ -139,12 +138,15 @@ def main(argv=None) -> None:
               f"{other_map['masked_correlation']:.4f} ({other}); FSC 0.5 {fmt(true_map['fsc_0.5_angstrom'], 2)} / "
               f"{fmt(other_map['fsc_0.5_angstrom'], 2)} Å", flush=True)
         start_map = map_of(data / "optimisation_set.star", "start")
-        start_errors = common.ctf_errors(data, common.ctf_table_of(data / "optimisation_set.star", data), bounds)
-        rows.append(("starting CTF", "-", start_map, start_errors, None))
+        start_row, bounds_by_box = len(rows), {}
         rows.append(("true CTF", "-", true_map, None, None))
         for box in boxes:
             out = common.CACHE / "out" / f"{name}_b{box}"
             measure = common.refine_once(data, out, common.tutorial_options(box, everything=everything), log=log)
+            bounds = bounds_by_box[box] = common.bounds_from_refinement(data, out)
+            if box == boxes[0]:
+                start_errors = common.ctf_errors(data, common.ctf_table_of(data / "optimisation_set.star", data), bounds)
+                rows.insert(start_row, ("starting CTF", "-", start_map, start_errors, None))
             errors = common.ctf_errors(data, common.refined_table(out, data), bounds)
             rows.append(("tomoctfrefine, one pass", box, map_of(out / "optimisation_set.star", f"b{box}"), errors, measure))
             print_table(name, rows, true_map, header, args, partial=True)
@@ -152,7 +154,7 @@ def main(argv=None) -> None:
             for box in boxes:
                 out = common.CACHE / "out" / f"{name}_relion_b{box}"
                 measure = relion_refine(data, out, box, everything, relion_bin, log)
-                errors = common.ctf_errors(data, common.refined_table(out, data), bounds)
+                errors = common.ctf_errors(data, common.refined_table(out, data), bounds_by_box[box])
                 rows.append(("RELION, one pass", box, map_of(out / "optimisation_set.star", f"relion_b{box}"), errors, measure))
                 ours = relion_reconstruct(data, (out / "optimisation_set.star").resolve(), common.CACHE / "out" / f"{name}_relion_b{box}_recon", relion_bin, log)
                 rows.append(("RELION, reconstructed by RELION", box, ours, None, None))
@@ -167,8 +169,9 @@ def print_table(name: str, rows: list, true_map: dict, header: str, args, partia
     print(f"{'(partial) ' if partial else ''}Map accuracy, dataset '{name}' -- {header}")
     print(f"Reconstruction: box {RECONSTRUCTION_BOX}, crop {RECONSTRUCTION_CROP}, {args.regularisation} regularisation; "
           f"correlation with the true map inside the mask; target: refined within {TARGET_CORRELATION_GAP} of the true CTF.")
-    print(f"Per-tilt errors: defocus of the total quadratic form, RMSE (Å) / Cramér-Rao bound (box {args.bound_box}, statistics at the "
-          f"true CTF); scale: relative RMS error after one global factor / bound; phase: RMS 30 Å - Nyquist.")
+    print("Per-tilt errors: defocus of the total quadratic form, RMSE (Å) and Cramér-Rao bound (the row's box; starting CTF: the first "
+          "box's), from the refinement's statistics taken to the true CTF; scale: relative RMS error after one global factor and bound; "
+          "phase: RMS 30 Å - Nyquist.")
     print()
     head = (f"{'CTF':<26} {'box':>4} | {'corr':>6} {'- true':>7} {'FSC0.5':>6} {'0.143':>6} | {'dz<40 RMSE':>10} {'CRB':>5} | "
             f"{'dz all':>7} {'CRB':>6} | {'scale% <40':>10} {'CRB':>5} | {'even rad':>8} {'odd rad':>7} | {'wall s':>6} {'MB':>6} | verdict")
