@@ -15,7 +15,7 @@ from pathlib import Path
 from pwem.objects import EMFile
 from pwem.protocols import EMProtocol
 from pyworkflow import BETA
-from pyworkflow.object import Float, Integer, String
+from pyworkflow.object import Integer, String
 from pyworkflow.protocol import params
 from pyworkflow.utils import Message
 from tomo.objects import SetOfCoordinates3D, SetOfCTFTomoSeries, SetOfSubTomograms
