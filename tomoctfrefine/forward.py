@@ -246,3 +246,129 @@ def box_noise_fraction(box_size_px: int) -> float:
     box 64, 3.3 µm defocus, but not at 96 or more).
     """
     return float(np.mean(crop_circle_taper(box_size_px) ** 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Delocalisation: the CTF spreads each particle's signal over lambda * defocus * |k| around it. Where
+# that reaches the tapered edge of the box, the observation is a *windowed* CTF-filtered projection,
+# not the periodic product CTF x slice; the model must be windowed the same way.
+
+#: The cropCircle taper starts this far inside the box radius (``extract_boxes``).
+TAPER_EDGE_PX = 5.0
+
+
+def particle_radius_px(references: PreparedReferences, energy_fraction: float = 0.99) -> float:
+    """Radius (px) around the box centre holding ``energy_fraction`` of the energy of the references'
+    projections (three orthogonal views of both half maps) high-passed by ``1 - exp(-|k|^2 / 2 (s/16)^2)``: the particle's
+    extent before the CTF. (The prepared maps also hold a smooth disc of radius ``s/2``, RELION's
+    mean-subtracting taper, whose energy is at low frequencies, where the CTF hardly delocalises.)"""
+    s = references.box_size_px
+    views = np.array([np.eye(3), [[0, 0, 1], [0, 1, 0], [1, 0, 0]], [[1, 0, 0], [0, 0, 1], [0, 1, 0]]], dtype=np.float64)
+    matrices = np.concatenate([views, views])
+    halves = np.repeat(np.arange(2, dtype=np.int64), len(views))
+    slices = np.empty((len(matrices), s, s // 2 + 1), dtype=np.complex64)
+    limit = min(float(references.max_radius_px), s / 2.0 - 1.0) ** 2 if references.grid_size < s else float(references.max_radius_px) ** 2
+    kernels.central_slices(references.bricks, references.grid_size, halves, matrices, limit, slices)
+    ky = np.fft.fftfreq(s, 1.0 / s)[:, None]
+    slices *= (1.0 - np.exp(-(ky**2 + np.arange(s // 2 + 1)[None, :] ** 2) / (2.0 * (s / 16.0) ** 2))).astype(np.float32)
+    power = (np.fft.fftshift(scipy.fft.irfft2(slices, s=(s, s), norm="ortho"), axes=(1, 2)).astype(np.float64) ** 2).sum(axis=0)
+    y, x = np.ogrid[0:s, 0:s]
+    radius = np.hypot(y - s // 2, x - s // 2).ravel()
+    order = np.argsort(radius)
+    cumulative = np.cumsum(power.ravel()[order])
+    if cumulative[-1] <= 0:
+        return 0.0
+    index = int(np.searchsorted(cumulative, energy_fraction * cumulative[-1]))
+    return float(radius[order[min(index, order.size - 1)]])
+
+
+def delocalisation_px(gamma: np.ndarray, support: np.ndarray) -> float:
+    """Largest displacement ``|grad_k gamma| / (2 pi)`` (pixels) of the frequencies in ``support``.
+
+    gamma, support : (s, s//2+1) on the rfft2 grid (CTF phase in rad; bool).
+    """
+    s = gamma.shape[0]
+    if not np.any(support):
+        return 0.0
+    centred = np.fft.fftshift(np.asarray(gamma, dtype=np.float64), axes=0)  # rows -s/2 .. s/2-1: contiguous
+    gy, gx = np.gradient(centred)
+    shift = np.hypot(gx, gy) * s / (2.0 * np.pi)
+    return float(shift[np.fft.fftshift(support, axes=0)].max())
+
+
+def window_padding_px(box_size_px: int, particle_radius_px: float, delocalisation_px: float) -> int:
+    """Padded size for the windowed prediction, or 0 if the delocalised particle stays inside the flat
+    part of the box's taper (then the periodic prediction is exact and cheaper).
+
+    The padded grid ``S`` must not alias the delocalised particle (radius ``R = particle + delocalisation``)
+    into the box's circle: ``S >= s/2 + R`` (+16 px: the particle radius holds 99 % of its energy), and ``S >= s``. (The corners outside the circle only
+    enter through their mean, which is subtracted; a little aliasing there is harmless.)
+    """
+    s = int(box_size_px)
+    reach = float(particle_radius_px) + float(delocalisation_px)
+    if reach <= s / 2.0 - TAPER_EDGE_PX - 1.0:
+        return 0
+    size = max(s, int(np.ceil(s / 2.0 + reach + 16.0)))
+    size = scipy.fft.next_fast_len(size, real=True)
+    while size % 2:
+        size = scipy.fft.next_fast_len(size + 1, real=True)
+    return int(size)
+
+
+def windowed_predictions(
+    slices: np.ndarray,
+    shifts: np.ndarray,
+    damping: np.ndarray,
+    factor: float,
+    padded_gamma: np.ndarray,
+    depth_phase: np.ndarray,
+    pixel_size_angstrom: float,
+    with_flipped: bool = False,
+    workers: int = -1,
+) -> np.ndarray:
+    """``q_s = W[sin(gamma_i) q_i]`` and ``q_c = W[cos(gamma_i) q_i]`` of a batch of particles in one tilt.
+
+    ``q_i = factor * damping * slice_i`` is placed at the particle's sub-pixel offset in its box
+    (``shifts``, as :func:`box_origins_and_shifts`), taken to real space, cut to the box's circle
+    (cropCircle taper: beyond it the slice holds only interpolation error), zero-padded to the grid of
+    ``padded_gamma`` (``S``), multiplied by the CTF terms there (``gamma_i = gamma - depth_phase_i
+    |k|^2``; flipped hand ``+``), and cut back to the box exactly as an observed box is cut
+    (:func:`kernels.crop_boxes`: mean outside the circle removed, cropCircle taper). The result is in
+    the frame of the *unshifted* observed box.
+
+    Returns
+    -------
+    complex64 (m, 2, s, s//2+1) — ``(q_s, q_c)``; (m, 4, ...) with the flipped hand's pair after them.
+    """
+    m, s, sh = slices.shape
+    big = padded_gamma.shape[0]
+    kx = np.arange(sh)
+    ky = np.fft.fftfreq(s, 1.0 / s)
+    ramp_x = np.exp(-2j * np.pi * shifts[:, 0:1] * kx[None] / s)
+    ramp_y = np.exp(-2j * np.pi * shifts[:, 1:2] * ky[None] / s)
+    spectra = slices * (factor * damping).astype(np.float32)[None]
+    spectra *= ramp_y[:, :, None].astype(np.complex64)
+    spectra *= ramp_x[:, None, :].astype(np.complex64)
+    images = scipy.fft.irfft2(spectra, s=(s, s), norm="ortho", workers=workers)
+    del spectra
+    # The projection of the prepared map (zero beyond s/2: its taper) is confined to the box's circle;
+    # what the slice's real-space image holds in the corners is trilinear-interpolation error. Periodic,
+    # it stays in the corners; padded, the CTF would spread it into the circle: cut it first.
+    circle = np.roll(crop_circle_taper(s), (-(s // 2), -(s // 2)), axis=(0, 1)).astype(np.float32)
+    padded = np.empty((m, big, big), dtype=np.float32)
+    kernels.embed_centred(np.ascontiguousarray(images, dtype=np.float32), circle, padded)
+    del images
+    # the unitary FT on the padded grid: same pixel size, finer frequency sampling; values scale by S/s
+    spectra = scipy.fft.rfft2(padded, norm="ortho", workers=workers).astype(np.complex64, copy=False)
+    del padded
+    n_out = 4 if with_flipped else 2
+    products = np.empty((m, n_out, big, big // 2 + 1), dtype=np.complex64)
+    kernels.ctf_products(spectra, np.exp(1j * np.asarray(padded_gamma, dtype=np.float64)), np.ascontiguousarray(depth_phase, dtype=np.float64),
+                         1.0 / (big * pixel_size_angstrom) ** 2, with_flipped, products)
+    del spectra
+    images = scipy.fft.irfft2(products, s=(big, big), norm="ortho", workers=workers).astype(np.float32, copy=False)
+    del products
+    boxes = np.empty((m, n_out, s, s), dtype=np.float32)
+    kernels.crop_boxes(np.ascontiguousarray(images), crop_circle_taper(s).astype(np.float32), boxes)
+    del images
+    return scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)

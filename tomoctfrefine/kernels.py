@@ -440,3 +440,144 @@ def profiled_likelihood_terms(
                 bc_im = psi_cos[k] * b_c[f, k].imag - psi_sin[k] * b_c[f, k].real
                 grad_psi[f, k] = cf * (bs_im * c + bc_im * s)
                 fisher_psi[f, k] = cf * cf * (ass * c * c + 2.0 * asc * c * s + acc * s * s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windowed prediction (delocalisation): the CTF-multiplied prediction cut and tapered like the boxes
+
+
+@njit(cache=True, parallel=True)
+def embed_centred(images, mask, out):
+    """Zero-pad centred images (origin at pixel 0, wrapped) ``(m, s, s)``, times ``mask`` ``(s, s)`` (same
+    layout), into ``(m, S, S)``, keeping the origin at pixel 0: offsets ``-s/2 .. s/2-1`` go to
+    ``d mod S``. ``out`` is fully written."""
+    m = images.shape[0]
+    s = images.shape[1]
+    big = out.shape[1]
+    half = s // 2
+    for p in prange(m):
+        out[p] = 0.0
+        for y in range(s):
+            ty = y if y < half else y - s + big
+            for x in range(s):
+                tx = x if x < half else x - s + big
+                out[p, ty, tx] = mask[y, x] * images[p, y, x]
+
+
+@njit(cache=True, parallel=True)
+def ctf_products(spectra, gamma_phasor, depth_phase, freq_unit2, with_flipped, out):
+    """``sin(gamma_i) P_i`` and ``cos(gamma_i) P_i`` (and the same with the opposite hand) on a padded
+    rfft2 grid, ``gamma_i = gamma - depth_phase_i |k|^2`` (flipped: ``+``). The depth phase is separable
+    in x and ky, so the loop has no trigonometry (per-particle column tables times a row factor).
+
+    spectra : complex64 (m, S, S//2+1) ; gamma_phasor : complex128 (S, S//2+1) ``exp(i gamma)``
+    depth_phase : float64 (m,) ; freq_unit2 : ``1/(S p)^2`` ; out : complex64 (m, 2 or 4, S, S//2+1):
+    sin, cos (, sin, cos flipped)
+    """
+    m = spectra.shape[0]
+    big = spectra.shape[1]
+    sh = spectra.shape[2]
+    for p in prange(m):
+        columns = np.empty(sh, dtype=np.complex128)
+        for x in range(sh):
+            phase = -depth_phase[p] * x * x * freq_unit2
+            columns[x] = complex(np.cos(phase), np.sin(phase))
+        for y in range(big):
+            ky = y if y < big // 2 else y - big
+            phase = -depth_phase[p] * ky * ky * freq_unit2
+            row = complex(np.cos(phase), np.sin(phase))
+            for x in range(sh):
+                value = complex(spectra[p, y, x])
+                depth = columns[x] * row
+                e = gamma_phasor[y, x] * depth
+                out[p, 0, y, x] = e.imag * value
+                out[p, 1, y, x] = e.real * value
+                if with_flipped:
+                    e = gamma_phasor[y, x] * depth.conjugate()
+                    out[p, 2, y, x] = e.imag * value
+                    out[p, 3, y, x] = e.real * value
+
+
+@njit(cache=True, parallel=True)
+def crop_boxes(images, taper, out):
+    """Cut the central ``s x s`` box out of padded images whose origin is pixel 0 (wrapped), then treat
+    it exactly as :func:`extract_boxes` treats a tilt image: subtract the mean outside the circle
+    ``r > s/2``, multiply by the cropCircle ``taper`` (``forward.crop_circle_taper``), write rolled by ``s/2``.
+
+    images : float32 (m, h, S, S) ; taper : float32 (s, s) ; out : float32 (m, h, s, s)   written
+    """
+    m = images.shape[0]
+    nh = images.shape[1]
+    big = images.shape[2]
+    s = out.shape[2]
+    radius = s / 2.0
+    half = s // 2
+    for p in prange(m):
+        for h in range(nh):
+            total = 0.0
+            count = 0
+            for y in range(s):
+                sy = y - half
+                if sy < 0:
+                    sy += big
+                dy = y - radius
+                for x in range(s):
+                    dx = x - radius
+                    if dx * dx + dy * dy > radius * radius:
+                        sx = x - half
+                        if sx < 0:
+                            sx += big
+                        total += images[p, h, sy, sx]
+                        count += 1
+            outside_mean = total / count if count > 0 else 0.0
+            for y in range(s):
+                sy = y - half
+                if sy < 0:
+                    sy += big
+                ty = (y + half) % s
+                for x in range(s):
+                    sx = x - half
+                    if sx < 0:
+                        sx += big
+                    out[p, h, ty, (x + half) % s] = taper[y, x] * (images[p, h, sy, sx] - outside_mean)
+
+
+@njit(cache=True, parallel=True)
+def accumulate_windowed_statistics(observations, predictions, weight, with_flipped,
+                                   a_ss, a_sc, a_cc, b_s, b_c, oo, f_ss, f_sc, f_cc, fb_s, fb_c):
+    """Add the sufficient statistics of a batch of particles from windowed predictions.
+
+    ``predictions[p, 0]`` / ``[p, 1]`` are ``q_s = W[sin(gamma) q]`` and ``q_c = W[cos(gamma) q]`` in
+    the frame of the box (the particle at its sub-pixel offset, like the unshifted ``observations``);
+    ``[p, 2]``, ``[p, 3]`` the same for the flipped hand. ``a_ss += w |q_s|^2``, ``a_sc += w Re(q_s
+    conj q_c)``, ``a_cc += w |q_c|^2``, ``b_s += w o conj(q_s)``, ``b_c += w o conj(q_c)``, ``oo += w |o|^2``.
+    Parallel over rows (sums independent of the thread count).
+
+    observations : complex64 (m, s, sh) ; predictions : complex64 (m, 2 or 4, s, sh) ; weight : float64 (s, sh)
+    """
+    m = observations.shape[0]
+    s = observations.shape[1]
+    sh = observations.shape[2]
+    for y in prange(s):
+        for p in range(m):
+            for x in range(sh):
+                w = weight[y, x]
+                if w == 0.0:
+                    continue
+                o = complex(observations[p, y, x])
+                qs = complex(predictions[p, 0, y, x])
+                qc = complex(predictions[p, 1, y, x])
+                a_ss[y, x] += w * (qs.real * qs.real + qs.imag * qs.imag)
+                a_sc[y, x] += w * (qs.real * qc.real + qs.imag * qc.imag)
+                a_cc[y, x] += w * (qc.real * qc.real + qc.imag * qc.imag)
+                b_s[y, x] += w * o * qs.conjugate()
+                b_c[y, x] += w * o * qc.conjugate()
+                oo[y, x] += w * (o.real * o.real + o.imag * o.imag)
+                if with_flipped:
+                    qs = complex(predictions[p, 2, y, x])
+                    qc = complex(predictions[p, 3, y, x])
+                    f_ss[y, x] += w * (qs.real * qs.real + qs.imag * qs.imag)
+                    f_sc[y, x] += w * (qs.real * qc.real + qs.imag * qc.imag)
+                    f_cc[y, x] += w * (qc.real * qc.real + qc.imag * qc.imag)
+                    fb_s[y, x] += w * o * qs.conjugate()
+                    fb_c[y, x] += w * o * qc.conjugate()
