@@ -195,7 +195,7 @@ def _check_output_folder(out_dir: Path, inputs: dict) -> list[Problem]:
                                 "choose another output folder with --o"))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
+        probe = out_dir / f".write_test.{os.getpid()}"  # one per MPI rank: a shared name raced (one rank unlinked the other's)
         probe.write_text("")
         probe.unlink()
     except OSError as error:
