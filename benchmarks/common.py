@@ -158,7 +158,7 @@ def run_child(opt_path: Path, out_dir: Path, options, mode: str = "refine", cwd:
     return rows[-1]
 
 
-def refine_once(data: Path, out_dir: Path, options, log=print, in_process: bool = False) -> dict:
+def refine_once(data: Path, out_dir: Path, options, log=print, in_process: bool = False, cached_only: bool = False) -> dict | None:
     """Refine ``data/optimisation_set.star`` into ``out_dir`` unless an identical run is there; returns
     ``{"wall_s", "peak_mb"}`` (cached in ``out_dir/benchmark.json``)."""
     record = Path(out_dir) / "benchmark.json"
@@ -167,6 +167,8 @@ def refine_once(data: Path, out_dir: Path, options, log=print, in_process: bool 
         saved = json.loads(record.read_text())
         if saved.get("options") == key:
             return saved["measure"]
+    if cached_only:
+        return None
     log(f"  refining {data.name} at box {options.box_size_px} -> {out_dir} ...")
     measure = run_child(data / "optimisation_set.star", out_dir, options, in_process=in_process)
     record.write_text(json.dumps({"options": key, "measure": measure}))
@@ -398,6 +400,9 @@ def ctf_errors(data: Path, refined: dict, bounds: dict | None) -> dict:
         if bounds is not None:
             entry["defocus_bound"] = rms(c["bound_dz"][sel])
             entry["scale_bound"] = rms(c["bound_c"][sel])
+            # per-tilt errors in units of their own bound (1 for an efficient estimator, whatever the dose mix)
+            entry["defocus_z_rms"] = rms(c["defocus"][sel] / c["bound_dz"][sel])
+            entry["scale_z_rms"] = rms(relative[sel] / c["bound_c"][sel])
         result["bands"][band] = entry
     pixel = truth["json"]["params"]["pixel_size_angstrom"]
     nyquist = 0.5 / pixel
@@ -419,7 +424,8 @@ def hand_verdicts(out_dir: Path) -> list[str]:
 # Maps
 
 
-def map_measures(opt_path: Path, data: Path, box: int, crop: int | None, work: Path, regularisation: str = "wiener", log=print) -> dict:
+def map_measures(opt_path: Path, data: Path, box: int, crop: int | None, work: Path, regularisation: str = "wiener", log=print,
+                 cached_only: bool = False) -> dict | None:
     """Reconstruct the particle with the CTF of ``opt_path`` and compare with ``data/ref/map_true.mrc``
     inside ``data/ref/mask.mrc``: masked correlation, FSC 0.5 and 0.143 against the true map
     (cached in ``work/map.json``)."""
@@ -435,6 +441,8 @@ def map_measures(opt_path: Path, data: Path, box: int, crop: int | None, work: P
         saved = json.loads(record.read_text())
         if saved.get("key") == key:
             return saved["measures"]
+    if cached_only:
+        return None
     started = time.time()
     previous = Path.cwd()
     try:
