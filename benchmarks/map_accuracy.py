@@ -101,6 +101,7 @@ def relion_reconstruct(data: Path, opt_path: Path, out: Path, relion_bin: Path, 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--boxes", default="128,256,512", help="refinement boxes (comma-separated)")
+    parser.add_argument("--report", action="store_true", help="only print the table of what is already cached (no new runs)")
     parser.add_argument("--only", default="map,map_aberrations", help="datasets: map, map_aberrations")
     parser.add_argument("--regularisation", choices=("wiener", "relion"), default="relion",
                         help="reconstruction regularisation (relion: the maps relion_tomo_reconstruct_particle writes, "
@@ -119,21 +120,26 @@ def main(argv=None) -> None:
     for name in names:
         if name not in ("map", "map_aberrations"):
             parser.error(f"--only: unknown dataset {name!r}")
+        if args.report and not (common.dataset_folder(name) / "truth" / "truth.json").exists():
+            continue
         data = common.dataset(name, name, log=log)
         everything = name == "map_aberrations"
         rows = []
 
         def map_of(path, tag):
-            log(f"  reconstructing {name}: {tag} (box {RECONSTRUCTION_BOX}, crop {RECONSTRUCTION_CROP}, {args.regularisation}) ...")
+            if not args.report:
+                log(f"  reconstructing {name}: {tag} (box {RECONSTRUCTION_BOX}, crop {RECONSTRUCTION_CROP}, {args.regularisation}) ...")
             return common.map_measures(path, data, RECONSTRUCTION_BOX, RECONSTRUCTION_CROP,
                                        common.CACHE / "out" / f"{name}_map_{tag}_{args.regularisation}",
-                                       regularisation=args.regularisation, log=log)
+                                       regularisation=args.regularisation, log=log, cached_only=args.report)
 
         true_map = map_of(data / "truth" / "optimisation_set_true.star", "true")
         other = "wiener" if args.regularisation == "relion" else "relion"
-        log(f"  reconstructing {name}: true CTF with {other} regularisation too ...")
         other_map = common.map_measures(data / "truth" / "optimisation_set_true.star", data, RECONSTRUCTION_BOX, RECONSTRUCTION_CROP,
-                                        common.CACHE / "out" / f"{name}_map_true_{other}", regularisation=other, log=log)
+                                        common.CACHE / "out" / f"{name}_map_true_{other}", regularisation=other, log=log,
+                                        cached_only=args.report)
+        if true_map is None or other_map is None:
+            continue
         print(f"true-CTF map: correlation {true_map['masked_correlation']:.4f} ({args.regularisation}), "
               f"{other_map['masked_correlation']:.4f} ({other}); FSC 0.5 {fmt(true_map['fsc_0.5_angstrom'], 2)} / "
               f"{fmt(other_map['fsc_0.5_angstrom'], 2)} Å", flush=True)
@@ -142,15 +148,22 @@ def main(argv=None) -> None:
         rows.append(("true CTF", "-", true_map, None, None))
         for box in boxes:
             out = common.CACHE / "out" / f"{name}_b{box}"
-            measure = common.refine_once(data, out, common.tutorial_options(box, everything=everything), log=log)
+            measure = common.refine_once(data, out, common.tutorial_options(box, everything=everything), log=log,
+                                         cached_only=args.report)
+            if measure is None:
+                continue
             bounds = bounds_by_box[box] = common.bounds_from_refinement(data, out)
-            if box == boxes[0]:
+            if start_map is not None and not any(r[0] == "starting CTF" for r in rows):
                 start_errors = common.ctf_errors(data, common.ctf_table_of(data / "optimisation_set.star", data), bounds)
                 rows.insert(start_row, ("starting CTF", "-", start_map, start_errors, None))
             errors = common.ctf_errors(data, common.refined_table(out, data), bounds)
-            rows.append(("tomoctfrefine, one pass", box, map_of(out / "optimisation_set.star", f"b{box}"), errors, measure))
-            print_table(name, rows, true_map, header, args, partial=True)
-        if relion_bin is not None:
+            refined_map = map_of(out / "optimisation_set.star", f"b{box}")
+            if refined_map is None:
+                continue
+            rows.append(("tomoctfrefine, one pass", box, refined_map, errors, measure))
+            if not args.report:
+                print_table(name, rows, true_map, header, args, partial=True)
+        if relion_bin is not None and not args.report:
             for box in boxes:
                 out = common.CACHE / "out" / f"{name}_relion_b{box}"
                 measure = relion_refine(data, out, box, everything, relion_bin, log)
