@@ -226,8 +226,9 @@ def compute_statistics(
         if windowed:
             phases = depth_phase[rows, f]
             extremes = {phases.min(), phases.max()} | ({-phases.min(), -phases.max()} if flipped is not None else set())
-            # pixels where the dose has taken the signal (< 1 %) do not count
-            signal = (weight != 0) & (damping > 0.01)
+            # only pixels the prediction reaches (the slice radius), and not where the dose has taken
+            # the signal (< 1 %)
+            signal = (weight != 0) & (damping > 0.01) & (radius2 <= min(max_radius2, support2))
             reach = max(forward.delocalisation_px(gamma - e * k2_grid, signal) for e in extremes)
             padded = forward.window_padding_px(s, particle_radius, reach)
         if padded:
