@@ -378,6 +378,12 @@ class ProtTomoCtfRefine(EMProtocol):
         warnings = []
         if self.inputFrom.get() == INPUT_SCIPION and self.inFsc.get() is None:
             warnings.append("No FSC given: frequency weights come from the half maps themselves.")
+        particles = self.inReParticles.get() if self.inputFrom.get() == INPUT_SCIPION else None
+        if particles is not None and particles.getSize():
+            first = particles.getFirstItem()
+            if getattr(first, convert.ATTR_HALF_SET, None) is None:
+                warnings.append("The particles carry no half set (_rlnRandomSubset): they are split into halves "
+                                "alternately, which is only right if the half maps were made that way.")
         return warnings
 
     def _summary(self):

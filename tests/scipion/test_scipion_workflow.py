@@ -168,6 +168,8 @@ def test_validate_catches_bad_combinations(project):
     assert "The reference is at 4.000 Å/px but the tilt series are at 2.000 Å/px: the refinement needs the average " \
            "at bin 1 (reconstruct it at the tilt series' pixel size)." in at_bin2.validate()
     ok = _refine_protocol(project, None)
+    # The imported coordinates carry RELION's half sets: the only warning is the missing FSC.
+    assert ok.warnings() == ["No FSC given: frequency weights come from the half maps themselves."]
     assert ok.validate() == ([] if HAVE_PIPELINE else [
         "tomoctfrefine's engine (tomoctfrefine.pipeline) is not installed: reinstall tomoctfrefine (pip install -e .[all])."])
 
