@@ -358,15 +358,23 @@ def windowed_predictions(
     padded = np.empty((m, big, big), dtype=np.float32)
     kernels.embed_centred(np.ascontiguousarray(images, dtype=np.float32), circle, padded)
     del images
-    # the unitary FT on the padded grid: same pixel size, finer frequency sampling; values scale by S/s
-    spectra = scipy.fft.rfft2(padded, norm="ortho", workers=workers).astype(np.complex64, copy=False)
+    # the unitary FT on the padded grid (same pixel size, finer frequency sampling), pruned: only the
+    # s rows around the origin are non-zero, so the x pass runs on those alone
+    rows = np.r_[0:s // 2, big - s // 2:big]
+    half = scipy.fft.rfft(padded[:, rows], axis=-1, norm="ortho", workers=workers)
     del padded
+    spectra = np.zeros((m, big, big // 2 + 1), dtype=np.complex64)
+    spectra[:, rows] = half
+    del half
+    spectra = scipy.fft.fft(spectra, axis=1, norm="ortho", workers=workers, overwrite_x=True).astype(np.complex64, copy=False)
     n_out = 4 if with_flipped else 2
     products = np.empty((m, n_out, big, big // 2 + 1), dtype=np.complex64)
     kernels.ctf_products(spectra, np.exp(1j * np.asarray(padded_gamma, dtype=np.float64)), np.ascontiguousarray(depth_phase, dtype=np.float64),
                          1.0 / (big * pixel_size_angstrom) ** 2, with_flipped, products)
     del spectra
-    images = scipy.fft.irfft2(products, s=(big, big), norm="ortho", workers=workers).astype(np.float32, copy=False)
+    # inverse, pruned: after the y pass only the box's s rows go through the x pass
+    products = scipy.fft.ifft(products, axis=2, norm="ortho", workers=workers, overwrite_x=True)[:, :, rows]
+    images = scipy.fft.irfft(products, n=big, axis=-1, norm="ortho", workers=workers).astype(np.float32, copy=False)
     del products
     boxes = np.empty((m, n_out, s, s), dtype=np.float32)
     kernels.crop_boxes(np.ascontiguousarray(images), crop_circle_taper(s).astype(np.float32), boxes)

@@ -503,12 +503,14 @@ def crop_boxes(images, taper, out):
     """Cut the central ``s x s`` box out of padded images whose origin is pixel 0 (wrapped), then treat
     it exactly as :func:`extract_boxes` treats a tilt image: subtract the mean outside the circle
     ``r > s/2``, multiply by the cropCircle ``taper`` (``forward.crop_circle_taper``), write rolled by ``s/2``.
+    Rows and columns wrap separately (``R`` may be ``s``: rows already cut to offsets ``-s/2 .. s/2-1``).
 
-    images : float32 (m, h, S, S) ; taper : float32 (s, s) ; out : float32 (m, h, s, s)   written
+    images : float32 (m, h, R, S) ; taper : float32 (s, s) ; out : float32 (m, h, s, s)   written
     """
     m = images.shape[0]
     nh = images.shape[1]
-    big = images.shape[2]
+    big_rows = images.shape[2]
+    big = images.shape[3]
     s = out.shape[2]
     radius = s / 2.0
     half = s // 2
@@ -519,7 +521,7 @@ def crop_boxes(images, taper, out):
             for y in range(s):
                 sy = y - half
                 if sy < 0:
-                    sy += big
+                    sy += big_rows
                 dy = y - radius
                 for x in range(s):
                     dx = x - radius
@@ -533,7 +535,7 @@ def crop_boxes(images, taper, out):
             for y in range(s):
                 sy = y - half
                 if sy < 0:
-                    sy += big
+                    sy += big_rows
                 ty = (y + half) % s
                 for x in range(s):
                     sx = x - half
