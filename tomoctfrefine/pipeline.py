@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .distribute import World
+from .progress import Progress
 from .errors import InputError, Problem
 from .statistics import TiltStatistics
 
@@ -163,11 +164,16 @@ def _load_arrays(path: Path) -> dict:
         return {k: data[k] for k in data.files}
 
 
+def _show_progress(world: World) -> bool | None:
+    """A bar on rank 0's terminal only (None: decided by whether stderr is a terminal)."""
+    return None if world.is_leader and world.size == 1 else False
+
+
 def _log(run_or_dir, message: str) -> None:
     """Print a progress line and append it to ``out_dir/run.log``."""
     out_dir = run_or_dir.out_dir if isinstance(run_or_dir, Run) else Path(run_or_dir)
     line = f"[{time.strftime('%H:%M:%S')}] {message}"
-    print(line, flush=True)
+    print(("\r\x1b[K" if sys.stdout.isatty() else "") + line, flush=True)  # over a progress bar
     with open(out_dir / "run.log", "a") as log:
         log.write(line + "\n")
 
@@ -354,32 +360,34 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
     references = references.cropped(reference_mod.weight_support_radius_px(cutoff))
     trajectories = read_trajectories(inputs["trajectories_path"]) if inputs.get("trajectories_path") else None
 
-    for index, name in enumerate(todo, 1):
-        started = time.time()
-        tomo = data.tomogram(name)
-        rows = data.rows(name)
-        images = tomograms_io.load_tilt_images(tomo)
-        weights = reference_mod.noise_weights(images, options.box_size_px, per_frame=options.per_frame_noise) * cutoff[None]
-        shifts = None
-        if trajectories is not None:
-            names = particles_io.particle_names(data.particle_set, rows)
-            shifts = np.stack([trajectories[n] for n in names])
-        even, _ = data.zernike(data.optics_group(name))
-        selected = data.frame_range(tomo.tilt_count)
-        statistics = compute_statistics(
-            tomo, images,
-            particles_io.particle_positions_px(data.particle_set, rows, tomo),
-            particles_io.particle_rotations(data.particle_set, rows),
-            particles_io.half_sets(data.particle_set, rows),
-            references, weights, even,
-            with_flipped_hand=options.check_hand,
-            trajectory_shifts_angstrom=shifts,
-            tilts=np.nonzero(selected)[0].tolist(),
-        )
-        statistics.save(run.temp / "statistics" / f"{name}.npz")
-        _log(run, f"prepare: {name} ({index}/{len(todo)} on rank {world.rank}): {len(rows)} particles, "
-                  f"{tomo.tilt_count} tilts, {int(statistics.particle_count.sum())} particle-tilt pairs, "
-                  f"{time.time() - started:.1f} s")
+    with Progress("prepare", sum(counts[n] for n in todo), len(todo), enabled=_show_progress(world)) as bar:
+        for index, name in enumerate(todo, 1):
+            started = time.time()
+            tomo = data.tomogram(name)
+            rows = data.rows(name)
+            images = tomograms_io.load_tilt_images(tomo)
+            weights = reference_mod.noise_weights(images, options.box_size_px, per_frame=options.per_frame_noise) * cutoff[None]
+            shifts = None
+            if trajectories is not None:
+                names = particles_io.particle_names(data.particle_set, rows)
+                shifts = np.stack([trajectories[n] for n in names])
+            even, _ = data.zernike(data.optics_group(name))
+            selected = data.frame_range(tomo.tilt_count)
+            statistics = compute_statistics(
+                tomo, images,
+                particles_io.particle_positions_px(data.particle_set, rows, tomo),
+                particles_io.particle_rotations(data.particle_set, rows),
+                particles_io.half_sets(data.particle_set, rows),
+                references, weights, even,
+                with_flipped_hand=options.check_hand,
+                trajectory_shifts_angstrom=shifts,
+                tilts=np.nonzero(selected)[0].tolist(),
+            )
+            statistics.save(run.temp / "statistics" / f"{name}.npz")
+            _log(run, f"prepare: {name} ({index}/{len(todo)} on rank {world.rank}): {len(rows)} particles, "
+                      f"{tomo.tilt_count} tilts, {int(statistics.particle_count.sum())} particle-tilt pairs, "
+                      f"{time.time() - started:.1f} s")
+            bar.advance(len(rows), name)
     world.barrier()
     return run
 
@@ -432,39 +440,41 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
     data = _Inputs(run)
     names = data.with_statistics()
     mine = world.share(names, [len(data.rows(n)) for n in names])
-    for name in mine:
-        target = run.temp / "defocus" / f"{name}.npz"
-        if run.options.only_do_unfinished and _finished(target):
-            continue
-        started = time.time()
-        statistics = data.statistics(name)
-        tomo = data.tomogram(name)
-        selected = data.frame_range(tomo.tilt_count)
-        kwargs = dict(
-            scan_min_angstrom=run.options.defocus_scan_min_angstrom,
-            scan_max_angstrom=run.options.defocus_scan_max_angstrom,
-            scan_steps=run.options.defocus_scan_steps,
-            band=_band(run, statistics),
-            regularisation_lambda=run.options.regularisation_lambda if run.options.regularise_defocus else 0.0,
-            odd_phase_rad=_odd_phase(data, name, statistics),
-            input_scale=tomo.ctf_scale,
-            tilt_mask=selected,
-        )
-        ctf = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
-        fit = defocus_mod.refine_defocus(statistics, tomo.optics.wavelength_angstrom, *ctf, **kwargs)
-        hand = {}
-        if statistics.flipped_hand is not None:
-            options_for_hand = {k: v for k, v in kwargs.items() if k != "band"}
-            verdict = check_handedness(statistics, tomo.optics.wavelength_angstrom, *ctf, input_fit=fit,
-                                       band=kwargs["band"], **options_for_hand)
-            hand = {"hand_log_likelihood_gain": np.array(verdict.log_likelihood_ratio),
-                    "hand_z_score": np.array(verdict.z_score), "hand_verdict": np.array(verdict.verdict),
-                    "hand_message": np.array(verdict.message)}
-            _log(run, f"hand: {name}: {verdict.message}")
-        _save_arrays(target, **{k: v for k, v in _defocus_arrays(fit).items() if v is not None}, **hand)
-        _log(run, f"defocus: {name}: {int(fit.refined.sum())}/{tomo.tilt_count} tilts refined, median "
-                  f"uncertainty {np.median(fit.uncertainty_angstrom[fit.refined]) if fit.refined.any() else float('nan'):.0f} Å, "
-                  f"{time.time() - started:.1f} s")
+    with Progress("defocus", sum(len(data.rows(n)) for n in mine), len(mine), enabled=_show_progress(world)) as bar:
+        for name in mine:
+            target = run.temp / "defocus" / f"{name}.npz"
+            if run.options.only_do_unfinished and _finished(target):
+                continue
+            started = time.time()
+            statistics = data.statistics(name)
+            tomo = data.tomogram(name)
+            selected = data.frame_range(tomo.tilt_count)
+            kwargs = dict(
+                scan_min_angstrom=run.options.defocus_scan_min_angstrom,
+                scan_max_angstrom=run.options.defocus_scan_max_angstrom,
+                scan_steps=run.options.defocus_scan_steps,
+                band=_band(run, statistics),
+                regularisation_lambda=run.options.regularisation_lambda if run.options.regularise_defocus else 0.0,
+                odd_phase_rad=_odd_phase(data, name, statistics),
+                input_scale=tomo.ctf_scale,
+                tilt_mask=selected,
+            )
+            ctf = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
+            fit = defocus_mod.refine_defocus(statistics, tomo.optics.wavelength_angstrom, *ctf, **kwargs)
+            hand = {}
+            if statistics.flipped_hand is not None:
+                options_for_hand = {k: v for k, v in kwargs.items() if k != "band"}
+                verdict = check_handedness(statistics, tomo.optics.wavelength_angstrom, *ctf, input_fit=fit,
+                                           band=kwargs["band"], **options_for_hand)
+                hand = {"hand_log_likelihood_gain": np.array(verdict.log_likelihood_ratio),
+                        "hand_z_score": np.array(verdict.z_score), "hand_verdict": np.array(verdict.verdict),
+                        "hand_message": np.array(verdict.message)}
+                _log(run, f"hand: {name}: {verdict.message}")
+            _save_arrays(target, **{k: v for k, v in _defocus_arrays(fit).items() if v is not None}, **hand)
+            _log(run, f"defocus: {name}: {int(fit.refined.sum())}/{tomo.tilt_count} tilts refined, median "
+                      f"uncertainty {np.median(fit.uncertainty_angstrom[fit.refined]) if fit.refined.any() else float('nan'):.0f} Å, "
+                      f"{time.time() - started:.1f} s")
+            bar.advance(len(data.rows(name)), name)
     world.barrier()
 
 
