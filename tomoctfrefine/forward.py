@@ -242,8 +242,8 @@ def box_noise_fraction(box_size_px: int) -> float:
     checks). The taper also correlates neighbouring Fourier pixels; for a signal inside the circle the
     two effects cancel, and ``w = 1/P`` used as if pixels were independent gives the right Fisher
     information (real space: the data are the unit-weight pixels inside the circle). Signal that
-    the CTF delocalises beyond ``s/2`` is lost to the taper (the fixture's scale drops by 17 % at
-    box 64, 3.3 µm defocus, but not at 96 or more).
+    the CTF delocalises beyond ``s/2`` is lost to the taper; :func:`windowed_predictions` models that
+    loss (without it the fixture's scale dropped by 17 % at box 64, 3.3 µm defocus).
     """
     return float(np.mean(crop_circle_taper(box_size_px) ** 2))
 
