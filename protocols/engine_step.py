@@ -6,7 +6,7 @@ step leaves the previous steps' files for "continue"::
 
     python .../tomoctfrefine/protocols/engine_step.py prepare OUT_DIR --optimisation-set F --options F.json
     python .../tomoctfrefine/protocols/engine_step.py refine_defocus OUT_DIR
-    (refine_scale, refine_aberrations, write_outputs likewise)
+    (refine_scale, refine_aberrations, write_outputs, assess_refinement likewise)
 
 It is run as a script (not ``python -m``) so that the package ``tomoctfrefine.protocols``, which
 imports Scipion, is not imported: this file imports only the engine.
@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 
-STEPS = ("prepare", "refine_defocus", "refine_scale", "refine_aberrations", "write_outputs")
+STEPS = ("prepare", "refine_defocus", "refine_scale", "refine_aberrations", "write_outputs", "assess_refinement")
 
 
 def refine_options(values: dict):

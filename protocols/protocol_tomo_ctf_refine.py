@@ -12,7 +12,7 @@ import os
 from enum import Enum
 from pathlib import Path
 
-from pwem.objects import EMFile
+from pwem.objects import FSC, EMFile, SetOfFSCs
 from pwem.protocols import EMProtocol
 from pyworkflow import BETA
 from pyworkflow.object import Integer, String
@@ -34,6 +34,7 @@ class Outputs(Enum):
     particles = SetOfSubTomograms
     coordinates = SetOfCoordinates3D
     relionFiles = EMFile
+    FSCs = SetOfFSCs
 
 
 class ProtTomoCtfRefine(EMProtocol):
@@ -150,6 +151,14 @@ class ProtTomoCtfRefine(EMProtocol):
                       label="Max order of even aberrations (Zernike n)",
                       help="Highest radial order n of the even Zernike polynomials; 4 is RELION's default.")
 
+        form.addSection(label="Assessment")
+        form.addParam("doAssess", params.BooleanParam, default=False, label="Assess: reconstruct before/after?",
+                      help="After the refinement, reconstruct the particle from the tilt series twice, with the "
+                           "input CTF and with the refined one (same box, half sets and mask), and compare the "
+                           "mask-corrected gold-standard FSCs: resolution at FSC 0.143 before and after and the "
+                           "gain per frequency band (report, summary.json). Both FSCs become the output FSCs. "
+                           "It costs two particle reconstructions.")
+
         form.addParallelSection(threads=1, mpi=1)
 
     # ------------------------------------------------------------------------------------ steps
@@ -163,6 +172,8 @@ class ProtTomoCtfRefine(EMProtocol):
             self._insertFunctionStep(self.refineScaleStep, needsGPU=False)
         if self.refineOddAbe or self.refineEvenAbe:
             self._insertFunctionStep(self.refineAberrationsStep, needsGPU=False)
+        if self.doAssess:
+            self._insertFunctionStep(self.assessStep, needsGPU=False)
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def refineOptions(self) -> dict:
@@ -250,8 +261,14 @@ class ProtTomoCtfRefine(EMProtocol):
     def refineAberrationsStep(self):
         self._runEngine("refine_aberrations")
 
-    def createOutputStep(self):
+    def assessStep(self):
+        # The assessment reconstructs with the refined optimisation set, which write_outputs makes.
         self._runEngine("write_outputs")
+        self._runEngine("assess_refinement")
+
+    def createOutputStep(self):
+        if not self.doAssess:
+            self._runEngine("write_outputs")
         self.registerOutputs(self.outDir())
 
     def registerOutputs(self, outDir):
@@ -304,10 +321,31 @@ class ProtTomoCtfRefine(EMProtocol):
             outputs[name] = new
             sources.append(self.inReParticles)
 
+        # Only this run's assessment (a continued run may have left an older assess/ folder).
+        fscs = self._assessedFscs(out_dir) if self.doAssess else None
+        if fscs is not None:
+            outputs[Outputs.FSCs.name] = fscs
+
         self._defineOutputs(**outputs)
         for source in sources + ([self.inputTiltSeries] if self.inputTiltSeries.get() is not None else []):
             for output in outputs.values():
                 self._defineSourceRelation(source, output)
+        if fscs is not None and self.inputFrom.get() == INPUT_SCIPION and self.recVolume.get() is not None:
+            self._defineSourceRelation(self.recVolume, fscs)
+
+    def _assessedFscs(self, out_dir: Path):
+        """The corrected FSCs of the assessment (before, after) as a SetOfFSCs, or None without one."""
+        curves = [(label, out_dir / "assess" / label / "postprocess.star") for label in ASSESS_LABELS]
+        if not all(path.exists() for _, path in curves):
+            return None
+        fscs = self._createSetOfFSCs()
+        for label, path in curves:
+            frequencies, values = fsc_curve_from_postprocess(path)
+            fsc = FSC(objLabel=ASSESS_LABELS[label])
+            fsc.setData(frequencies, values)
+            fscs.append(fsc)
+        fscs.write()
+        return fscs
 
     # ------------------------------------------------------------------------------------ info
     def _validate(self):
@@ -390,6 +428,13 @@ class ProtTomoCtfRefine(EMProtocol):
         summary = []
         if self.hasAttribute(Outputs.CTFs.name):
             summary.append(f"Refined CTF of {getattr(self, Outputs.CTFs.name).getSize()} tilt series.")
+        if self.hasAttribute(Outputs.FSCs.name):
+            summary_file = Path(self.outDir()) / "summary.json"
+            assessment = json.loads(summary_file.read_text()).get("assessment") if summary_file.exists() else None
+            if assessment and None not in (assessment["before"]["resolution_0.143_angstrom"],
+                                           assessment["after"]["resolution_0.143_angstrom"]):
+                summary.append(f"FSC 0.143: {assessment['before']['resolution_0.143_angstrom']:.2f} Å before, "
+                               f"{assessment['after']['resolution_0.143_angstrom']:.2f} Å after refinement.")
         if self.hasAttribute(Outputs.relionFiles.name):
             summary.append(f"RELION files: {getattr(self, Outputs.relionFiles.name).getFileName()}")
         if not summary:
@@ -404,6 +449,22 @@ class ProtTomoCtfRefine(EMProtocol):
 
     def _citations(self):
         return ["Burt2024", "Zivanov2022"]
+
+
+#: Assessment sides (folders under out/assess) and the labels of their FSCs.
+ASSESS_LABELS = {"before": "FSC before refinement (input CTF)", "after": "FSC after refinement (refined CTF)"}
+
+
+def fsc_curve_from_postprocess(path) -> tuple[list[float], list[float]]:
+    """Frequencies (1/Å, 0 at the origin) and the mask-corrected FSC of a postprocess-style STAR file."""
+    import numpy as np
+    from tomoctfrefine.io.fsc import read_fsc
+
+    curve = read_fsc(path)
+    resolution = np.asarray(curve.resolution_angstrom, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frequency = np.where(np.isfinite(resolution) & (resolution > 0), 1.0 / resolution, 0.0)
+    return [float(f) for f in frequency], [float(v) for v in curve.fsc]
 
 
 #: The engine validator names command-line flags; the form shows its labels instead.

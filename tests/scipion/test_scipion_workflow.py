@@ -325,10 +325,11 @@ FULL_RUN = dict(doDefocusReg=True, refineOddAbe=True, refineEvenAbe=True)
 
 @pytest.fixture(scope="module")
 def full_run(project):
-    """Our protocol run to the end on the imported fixture (serial; defocus, scale, aberrations)."""
+    """Our protocol run to the end on the imported fixture (serial; defocus, scale, aberrations, then the
+    before/after assessment)."""
     if not HAVE_PIPELINE:
         pytest.skip("tomoctfrefine.pipeline is not there yet: the full run needs the engine")
-    return _launch(project["project"], _refine_protocol(project, None, **FULL_RUN), timeout_s=300)
+    return _launch(project["project"], _refine_protocol(project, None, doAssess=True, **FULL_RUN), timeout_s=300)
 
 
 def _ctf_values(protocol) -> dict:
@@ -387,6 +388,50 @@ def test_full_run_refines_defocus_towards_truth(project, full_run):
     views = TomoCtfRefineViewer(project=project["project"], protocol=protocol)._visualize(protocol)
     assert all(isinstance(v, PngView) for v in views)
     assert [v.path.name for v in views][:2] == ["defocus_TS_01.png", "scale_TS_01.png"]
+
+
+def _first_shell_below(values, threshold=0.143) -> int:
+    """Index of the first shell (from 1) whose FSC is below ``threshold`` (the length if none is)."""
+    below = [i for i, v in enumerate(values) if i > 0 and v < threshold]
+    return below[0] if below else len(values)
+
+
+@pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
+def test_assessment_registers_before_and_after_fscs(project, full_run):
+    """doAssess: an assess step between the refinement and the outputs, and its two corrected FSCs
+    (as written to assess/{before,after}/postprocess.star) registered as a SetOfFSCs."""
+    steps = [step.funcName.get() for step in full_run.loadSteps()]
+    assert steps[-2:] == ["assessStep", "createOutputStep"]
+    # Read back through a freshly loaded project, as the next protocol (or the FSC viewer) would.
+    loaded = Manager().loadProject(project["project"].getName())
+    protocol = loaded.getProtocol(full_run.getObjId())
+    fscs = [fsc.clone() for fsc in protocol.FSCs.iterItems()]
+    assert [fsc.getObjLabel() for fsc in fscs] == ["FSC before refinement (input CTF)", "FSC after refinement (refined CTF)"]
+    shells = {}
+    for fsc, side in zip(fscs, ("before", "after")):
+        table = _read(Path(protocol.outDir()) / "assess" / side / "postprocess.star")["fsc"]
+        frequencies, values = (np.array([float(v) for v in column]) for column in fsc.getData())
+        np.testing.assert_allclose(values, table["rlnFourierShellCorrelationCorrected"].to_numpy(float), rtol=0, atol=1e-12)
+        # The file prints 1/Å and Å separately; the set holds 1/resolution (0 at the origin).
+        np.testing.assert_allclose(frequencies, table["rlnResolution"].to_numpy(float), rtol=1e-5, atol=1e-9)
+        shells[side] = _first_shell_below(values)
+    # 30 particles, 13 tilts: the refined CTF must not lose more than one shell at FSC 0.143.
+    assert shells["after"] >= shells["before"] - 1, shells
+    summary = json.loads((Path(protocol.outDir()) / "summary.json").read_text())["assessment"]
+    print(f"assessment: FSC 0.143 at {summary['before']['resolution_0.143_angstrom']:.2f} Å before, "
+          f"{summary['after']['resolution_0.143_angstrom']:.2f} Å after (shells {shells})")
+    assert summary["curves"]["after_corrected"] == pytest.approx(list(values), abs=1e-12)
+    assert any(line.startswith("FSC 0.143: ") for line in protocol.summary())
+    # The FSCs derive from the half maps (and, as every output, from the CTFs, particles and tilt series).
+    # The relations are read from the run's own database: the headless project's copy does not hold them.
+    from pyworkflow.protocol import getProtocolFromDb
+
+    run = getProtocolFromDb(loaded.getPath(), protocol.getDbPath(), protocol.getObjId())
+    parents = {(r["object_parent_id"], r["object_parent_extended"]) for r in run.getRelations()
+               if r["object_child_id"] == run.FSCs.getObjId()}
+    meta = project["meta"].getObjId()
+    assert parents == {(project["volume"].getObjId(), "outputVolume"), (meta, "CTFs"), (meta, "coordinates"),
+                       (meta, "tiltSeries")}, parents
 
 
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
