@@ -202,7 +202,7 @@ def print_table(name: str, rows: list, true_map: dict, header: str, args, partia
             text += f"{'':>10} {'':>5} | {'':>7} {'':>6} | {'':>10} {'':>5} | {'':>8} {'':>7} | "
         text += f"{fmt(measure['wall_s'], 0, 6)} {fmt(measure['peak_mb'], 0, 6)} | " if measure else f"{'':>6} {'':>6} | "
         if label.startswith("tomoctfrefine") or label.startswith("RELION"):
-            text += verdict(-gap, TARGET_CORRELATION_GAP, " (correlation)", digits=4)
+            text += verdict(abs(gap), TARGET_CORRELATION_GAP, " (correlation" + (", above the true-CTF map)" if gap > 0 else ")"), digits=4)
         print(text)
     if name in RELION_ISSUE:
         print()
