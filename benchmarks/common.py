@@ -266,10 +266,14 @@ def bounds_from_refinement(data: Path, out_dir: Path) -> dict:
     """Per tomogram: the same Cramér-Rao bounds as :func:`bounds_at_truth`, from the refinement's own
     statistics (``out_dir/temp/statistics``, accumulated at the *starting* CTF) rotated to the true CTF.
 
-    Exact, not an approximation: the Fisher information only involves the ``A`` terms, and an extra phase
-    ``delta(k)`` common to a tilt's particles turns ``A`` at the starting CTF into ``A`` at the true one
+    The Fisher information only involves the ``A`` terms, and an extra phase ``delta(k)`` common to a
+    tilt's particles turns ``A`` at the starting CTF into ``A`` at the true one
     (:mod:`tomoctfrefine.refine.bounds`); ``delta`` = true minus starting quadratic form plus true minus
-    starting even Zernike phase. Particles' depth offsets are in the statistics: when the input names the
+    starting even Zernike phase. This is exact for the periodic prediction; where ``compute_statistics``
+    windows the prediction (the CTF delocalises the particle beyond the box: small boxes, high defocus)
+    the window does not commute with ``delta(k)`` and it is an approximation (2-5 % on the bound at box 96,
+    2 Å, 30 000 Å; ``tests/test_benchmarks_small.py``); ``accuracy.py --bounds truth`` accumulates at the
+    true CTF instead. Particles' depth offsets are in the statistics: when the input names the
     wrong hand, the statistics of the opposite hand (``flipped_hand``) are the ones of the true model.
     Saves the second pass over the images that :func:`bounds_at_truth` makes.
     """
