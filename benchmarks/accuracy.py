@@ -138,11 +138,15 @@ def print_results(all_results: list[dict], expected_hand: dict, header: str) -> 
         print()
         for other in box_rows[1:]:
             for band in first:
+                n = first[band]["tilts"]
+                tolerance = 2.0 / (2.0 * n) ** 0.5  # two sampling errors of an RMSE over n tilts
                 a, b = first[band]["defocus_rmse"], other["errors"]["bands"][band]["defocus_rmse"]
                 sa, sb = first[band]["scale_rel_rms"], other["errors"]["bands"][band]["scale_rel_rms"]
-                ok = b <= a * 1.05 and sb <= sa * 1.05
+                worse = [f"defocus {b - a:+.1f} Å" for _ in [0] if b > a * (1 + tolerance)]
+                worse += [f"scale {100 * (sb - sa):+.2f} %" for _ in [0] if sb > sa * (1 + tolerance)]
                 print(f"(a) box {other['box']} vs {box_rows[0]['box']}, {band}: defocus RMSE {b:.1f} vs {a:.1f} Å, scale {100 * sb:.2f} vs "
-                      f"{100 * sa:.2f} % -> {'ok (no worse, 5 % tolerance)' if ok else f'MISSED by {b - a:.1f} Å / {100 * (sb - sa):.2f} %'}")
+                      f"{100 * sa:.2f} % -> " + (f"MISSED: worse by {', '.join(worse)}" if worse else
+                                                 f"ok (no worse beyond {100 * tolerance:.0f} %, two sampling errors of an RMSE over {n} tilts)"))
     map_rows = [res for res in all_results if res.get("maps")]
     if map_rows:
         print()
