@@ -237,14 +237,9 @@ def compute_statistics(
             step = max(1, int(chunk_megabytes * 2**20 / (padded * padded * 4 * (2 * outputs + 2))))
             for start in range(0, len(rows), step):
                 batch = rows[start:start + step]
-                origins, shifts = forward.box_origins_and_shifts(image_positions[batch, f], s)
-                boxes = np.empty((len(batch), s, s), dtype=np.float32)
-                kernels.extract_boxes(image, origins, boxes)
-                spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
-                del boxes
-                slices = np.empty_like(spectra)
-                kernels.central_slices(references.bricks, references.grid_size, halves[batch], np.ascontiguousarray(matrices[batch, f]),
-                                       min(max_radius2, support2), slices)
+                shifts, spectra, slices = _observe_and_slice(image, image_positions[batch, f], references,
+                                                             halves[batch], matrices[batch, f],
+                                                             min(max_radius2, support2), workers)
                 predictions = forward.windowed_predictions(
                     slices, shifts, damping, factor, padded_gamma, depth_phase[batch, f], tomogram.pixel_size_angstrom,
                     with_flipped=flipped is not None, workers=workers)
@@ -261,14 +256,8 @@ def compute_statistics(
             continue
         for start in range(0, len(rows), chunk):
             batch = rows[start:start + chunk]
-            origins, shifts = forward.box_origins_and_shifts(image_positions[batch, f], s)
-            boxes = np.empty((len(batch), s, s), dtype=np.float32)
-            kernels.extract_boxes(image, origins, boxes)
-            spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
-            del boxes
-            slices = np.empty_like(spectra)
-            kernels.central_slices(references.bricks, references.grid_size, halves[batch], np.ascontiguousarray(matrices[batch, f]),
-                                   min(max_radius2, support2), slices)
+            shifts, spectra, slices = _observe_and_slice(image, image_positions[batch, f], references, halves[batch],
+                                                         matrices[batch, f], min(max_radius2, support2), workers)
             kernels.accumulate_tilt_statistics(
                 spectra,
                 np.ascontiguousarray(shifts, dtype=np.float64),
@@ -293,3 +282,19 @@ def compute_statistics(
         flipped["oo"] = stats["oo"]
         flipped_stats = TiltStatistics(**flipped, **common)
     return TiltStatistics(**stats, **common, flipped_hand=flipped_stats)
+
+
+def _observe_and_slice(image, image_positions, references, halves, matrices, max_radius2: float, workers: int):
+    """Observed spectra (boxes cut at the projected positions, unitary FFT), their sub-pixel shifts, and
+    the CTF-free central slices of the particles' own half maps, for one batch of particles in one tilt."""
+    from . import forward, kernels
+
+    s = references.box_size_px
+    origins, shifts = forward.box_origins_and_shifts(image_positions, s)
+    boxes = np.empty((len(image_positions), s, s), dtype=np.float32)
+    kernels.extract_boxes(image, origins, boxes)
+    spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
+    del boxes
+    slices = np.empty_like(spectra)
+    kernels.central_slices(references.bricks, references.grid_size, halves, np.ascontiguousarray(matrices), max_radius2, slices)
+    return shifts, spectra, slices
