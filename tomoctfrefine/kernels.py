@@ -260,11 +260,10 @@ def accumulate_tilt_statistics(
 
 
 @njit(cache=True, inline="always")
-def _bilinear_half_complex(slice_fs, px, py):
-    """Bilinear sample of a half-complex 2D transform at signed pixel frequency (px, py), using
-    Hermitian symmetry ``F(-k) = conj F(k)`` for ``px < 0``."""
-    s = slice_fs.shape[0]
-    sh = slice_fs.shape[1]
+def _bilinear_corners(s, sh, px, py):
+    """Rows, columns and weights of the bilinear sample at signed pixel frequency (px, py) on a
+    half-plane grid of ``s`` rows and ``sh`` columns; for ``px < 0`` the point-mirrored sample is taken
+    (``conjugate`` says so: ``F(-k) = conj F(k)`` for transforms, ``W(-k) = W(k)`` for real weights)."""
     conjugate = False
     if px < 0.0:
         px = -px
@@ -279,40 +278,8 @@ def _bilinear_half_complex(slice_fs, px, py):
         x1 = sh - 1
     if x0 > sh - 1:
         x0 = sh - 1
-    y0i = y0 % s
-    y1i = (y0 + 1) % s
-    v00 = slice_fs[y0i, x0]
-    v01 = slice_fs[y0i, x1]
-    v10 = slice_fs[y1i, x0]
-    v11 = slice_fs[y1i, x1]
-    value = (1.0 - fy) * ((1.0 - fx) * v00 + fx * v01) + fy * ((1.0 - fx) * v10 + fx * v11)
-    if conjugate:
-        return np.conj(value)
-    return value
-
-
-@njit(cache=True, inline="always")
-def _bilinear_half_real(slice_w, px, py):
-    """Bilinear sample of a real, point-symmetric half-grid 2D array (``W(-k) = W(k)``)."""
-    s = slice_w.shape[0]
-    sh = slice_w.shape[1]
-    if px < 0.0:
-        px = -px
-        py = -py
-    x0 = int(np.floor(px))
-    fx = px - x0
-    y0 = int(np.floor(py))
-    fy = py - y0
-    x1 = x0 + 1
-    if x1 > sh - 1:
-        x1 = sh - 1
-    if x0 > sh - 1:
-        x0 = sh - 1
-    y0i = y0 % s
-    y1i = (y0 + 1) % s
-    return (1.0 - fy) * ((1.0 - fx) * slice_w[y0i, x0] + fx * slice_w[y0i, x1]) + fy * (
-        (1.0 - fx) * slice_w[y1i, x0] + fx * slice_w[y1i, x1]
-    )
+    return (y0 % s, (y0 + 1) % s, x0, x1, (1.0 - fy) * (1.0 - fx), (1.0 - fy) * fx, fy * (1.0 - fx), fy * fx,
+            conjugate)
 
 
 @njit(parallel=True, cache=True)
@@ -339,6 +306,7 @@ def backproject_slices(slices_fs, slice_weights, inverse_transposed, half_index,
     weight_fs : float64 (2, s, s, s//2+1)    (modified in place)
     """
     n = slices_fs.shape[0]
+    slice_rows, slice_cols = slices_fs.shape[1], slices_fs.shape[2]
     s = data_fs.shape[1]
     sh = data_fs.shape[3]
     half = s // 2
@@ -382,8 +350,13 @@ def backproject_slices(slices_fs, slice_weights, inverse_transposed, half_index,
                     if abs(px) >= sh or abs(py) >= half + 1:
                         continue
                     c = 1.0 - abs(depth)
-                    data_fs[h, z, y, x] += c * _bilinear_half_complex(slices_fs[j], px, py)
-                    weight_fs[h, z, y, x] += c * _bilinear_half_real(slice_weights[j], px, py)
+                    # one set of bilinear corners serves the slice and its weights
+                    r0, r1, c0, c1, w00, w01, w10, w11, conjugate = _bilinear_corners(slice_rows, slice_cols, px, py)
+                    f = slices_fs[j]
+                    value = w00 * f[r0, c0] + w01 * f[r0, c1] + w10 * f[r1, c0] + w11 * f[r1, c1]
+                    data_fs[h, z, y, x] += c * (np.conj(value) if conjugate else value)
+                    g = slice_weights[j]
+                    weight_fs[h, z, y, x] += c * (w00 * g[r0, c0] + w01 * g[r0, c1] + w10 * g[r1, c0] + w11 * g[r1, c1])
 
 
 # ---------------------------------------------------------------------------------------------
