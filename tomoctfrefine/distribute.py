@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
+_FORWARDING_GRACE_SECONDS = 1.0
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
 
@@ -50,6 +52,9 @@ class World:
 
     def abort(self, code: int = 1) -> None:
         if self.comm is not None and self.size > 1:
+            # the launcher forwards this rank's stderr through a pipe; MPI_Abort kills the forwarding
+            # process too, so give it a moment to pass on the message just printed
+            time.sleep(_FORWARDING_GRACE_SECONDS)
             self.comm.Abort(code)
         sys.exit(code)
 
