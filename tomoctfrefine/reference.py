@@ -348,10 +348,13 @@ def noise_weights(tilt_images: np.ndarray, box_size_px: int, per_frame: bool = F
     averaged and interpolated back to 2D. With ``per_frame=False`` (RELION's default) every tilt
     gets ``1 / mean_f P_f``, otherwise ``1 / P_f``.
     """
+    from .io.maps import release_pages
+
     n_tilts = tilt_images.shape[0]
     inverse = np.empty((n_tilts, box_size_px, box_size_px // 2 + 1))
     for f in range(n_tilts):
         power = radial_average(periodogram_average(tilt_images[f], box_size_px))
+        release_pages(tilt_images)  # a mapped stack would otherwise become resident whole
         # RELION has no guard against P = 0 (inf weights); a shell without power gets weight 0
         inverse[f] = radial_expand(np.divide(1.0, power, out=np.zeros_like(power), where=power > 0), box_size_px)
     if per_frame:

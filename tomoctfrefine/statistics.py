@@ -178,6 +178,7 @@ def compute_statistics(
     import numba
 
     from . import forward, kernels
+    from .io.maps import release_pages
     from .reference import radius_px
 
     workers = numba.get_num_threads()  # one thread setting for the kernels and the FFTs
@@ -216,7 +217,8 @@ def compute_statistics(
         counts[f] = len(rows)
         if not len(rows):
             continue
-        image = np.ascontiguousarray(tilt_images[f], dtype=np.float32)
+        image = np.array(tilt_images[f], dtype=np.float32)
+        release_pages(tilt_images)  # a mapped stack would otherwise become resident whole
         gamma = forward.tilt_gamma(tomogram, s, even_zernike, [f])[0]
         damping = forward.tilt_damping(tomogram, s, [f])[0]
         weight = np.array(weights[f], dtype=np.float64)

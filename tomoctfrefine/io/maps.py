@@ -108,6 +108,21 @@ def memmap_stack(path: PathLike) -> np.ndarray:
     return np.memmap(path, dtype=header.dtype, mode="r", offset=header.data_offset_bytes, shape=header.shape)
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped array (e.g. :func:`memmap_stack`) from this
+    process: read once, a mapped tilt stack otherwise stays in the resident set whole (172 MB for
+    41 tilts of 1024²) although the tilts are used one at a time. The file's pages stay in the page
+    cache, so a later read costs no disk access. Nothing happens for other arrays."""
+    import mmap
+
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            handle.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 def write_map(path: PathLike, data: np.ndarray, voxel_size_angstrom: float) -> Path:
     """Write a float32 MRC file atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
