@@ -74,8 +74,12 @@ def test_bricked_references_round_trip_and_cropping_keeps_the_slices():
     plain = refs.half_maps_ft
     assert plain.shape == (2, 30, 30, 16)
     np.testing.assert_array_equal(reference.from_bricks(reference.to_bricks(plain[1]), 30), plain[1])
-    np.testing.assert_allclose(plain[0], reference.centred_fourier_transform(
-        reference.presharpen(reference.taper_volume(reference.pad_volume(maps[0], 30, np.float32)))), atol=1e-5)
+    # the particle itself: its solvent level (outer shell) removed, no box-filling pedestal, centre kept
+    solvent = reference.solvent_level(maps[0])
+    radius = np.sqrt(sum(g**2 for g in np.meshgrid(*[np.arange(30) - 15] * 3, indexing="ij")))
+    expected = (reference.pad_volume(maps[0] - solvent, 30) * reference._taper_weight(radius, 15.0, 10.0)
+                / (np.sinc(radius / 30) ** 2 + reference.PRESHARPEN_EPSILON))
+    np.testing.assert_allclose(plain[0], reference.centred_fourier_transform(expected), atol=1e-5)
     cropped = refs.cropped(9.0)
     assert cropped.grid_size == 22 and cropped.max_radius_px == 9.0
     tomo = synthetic_tomogram([0.0, 40.0])
