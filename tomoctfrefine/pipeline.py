@@ -483,17 +483,30 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
 
 
 def _scale_evidence(run: Run, data: _Inputs, name: str):
-    """Per-tilt scale estimate and its information: from the latest defocus fit, else at the input CTF."""
-    steps = ("aberrations", "defocus") if run.options.do_defocus else ("aberrations",)
-    for step in steps:
-        path = run.temp / step / f"{name}.npz"
-        if _finished(path):
-            arrays = _load_arrays(path)
-            return arrays["scale"], arrays["scale_information"]
-    from .refine.scale import scale_evidence
+    """Per-tilt scale estimate and its information at the latest CTF (refined defocus and aberrations,
+    else the input), over the scale band (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
+    from .physics.geometry import fourier_grid_per_angstrom
+    from .physics.zernike import even_phase_rad, odd_phase_rad
+    from .refine.scale import scale_at_ctf
 
     statistics = data.statistics(name)
-    return scale_evidence(statistics, odd_phase_rad=_odd_phase(data, name, statistics), band=_band(run, statistics))
+    tomo = data.tomogram(name)
+    before = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
+    latest = _latest_defocus(run, name) if run.options.do_defocus else None
+    after = before if latest is None else (latest["defocus_u_angstrom"], latest["defocus_v_angstrom"], latest["defocus_angle_deg"])
+    group = data.optics_group(name)
+    even, odd = data.zernike(group)
+    new_even, new_odd = even, odd
+    group_file = run.temp / "aberrations" / f"group_{group}.npz"
+    if run.options.do_aberrations and _finished(group_file):
+        arrays = _load_arrays(group_file)
+        new_even = even if arrays.get("even_coefficients") is None else list(arrays["even_coefficients"])
+        new_odd = odd if arrays.get("odd_coefficients") is None else list(arrays["odd_coefficients"])
+    fx, fy = fourier_grid_per_angstrom(statistics.box_size_px, statistics.pixel_size_angstrom)
+    even_change = even_phase_rad(new_even, fx, fy) - even_phase_rad(even, fx, fy) if (any(even) or any(new_even)) else None
+    odd_phase = odd_phase_rad(new_odd, fx, fy) if any(new_odd) else None
+    return scale_at_ctf(statistics, tomo.optics.wavelength_angstrom, before, after,
+                        even_phase_change_rad=even_change, odd_phase_rad=odd_phase)
 
 
 def refine_scale(out_dir, world: World | None = None) -> None:
