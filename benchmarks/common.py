@@ -262,6 +262,58 @@ def bounds_at_truth(data: Path, box: int, work: Path, log=print, in_process: boo
     return bounds
 
 
+def white_noise_bounds(data: Path, box: int, work: Path, log=print) -> dict:
+    """Per tomogram: the Cramér-Rao bounds of issue 5's definition, from the truth of a simulated dataset.
+
+    Fisher information of tilt ``f``'s mean defocus and scale = sum over the visible particles and every
+    pixel of the box of ``|d mu / d theta|^2 / sigma^2``, ``mu`` the noiseless particle (the projection of
+    the true, unmasked map at the true CTF, dose and scale), ``sigma^2`` the simulator's white-noise
+    variance, everything else known. Unlike the refinement's own statistics (:func:`bounds_at_truth`),
+    nothing is weighted by the noise power measured in the images (which holds every particle's signal
+    as well as the noise) or by the FSC: the neighbours' signal is known here, not noise, so this bound is
+    lower (for the per-tilt scale about half) and reached only by a model of the whole tilt image.
+    Cached in ``work/bounds.json``.
+    """
+    from tomoctfrefine.io import particles as particles_io
+    from tomoctfrefine.io import tomograms as tomograms_io
+    from tomoctfrefine.io.maps import read_map
+    from tomoctfrefine.io.optimisation_set import read_optimisation_set
+    from tomoctfrefine.reference import prepare_references
+    from tomoctfrefine.refine.bounds import cramer_rao_bounds
+    from tomoctfrefine.statistics import compute_statistics
+
+    work = Path(work)
+    cache = work / "bounds.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        return {n: {k: np.array(v) for k, v in b.items()} for n, b in saved.items()}
+    log(f"  white-noise Cramér-Rao bounds at the truth ({data.name}, box {box}) ...")
+    truth = truth_table(data)
+    sigma2 = float(truth["json"]["noise_sigma"]) ** 2
+    with in_folder(data):
+        opt = read_optimisation_set(Path("truth") / "optimisation_set_true.star")
+        tset = tomograms_io.read_tomogram_set(opt.tomograms_path)
+        pset = particles_io.read_particle_set(opt.particles_path)
+        true_map, voxel = read_map(Path("ref") / "map_true.mrc")
+        references = prepare_references(true_map, true_map, None, box, voxel)
+        bounds = {}
+        for name, table in truth["tomograms"].items():
+            tomo = tomograms_io.tomogram(tset, name)
+            rows = particles_io.particles_of(pset, name)
+            images = tomograms_io.load_tilt_images(tomo)
+            weights = np.full((tomo.tilt_count, box, box // 2 + 1), 1.0 / sigma2)
+            even, _ = particles_io.optics_zernike(pset, 1)
+            stats = compute_statistics(tomo, images, particles_io.particle_positions_px(pset, rows, tomo),
+                                       particles_io.particle_rotations(pset, rows), particles_io.half_sets(pset, rows),
+                                       references, weights, even)
+            result = cramer_rao_bounds(stats, truth["json"]["wavelength_A"], table["scale"])
+            bounds[name] = {"defocus": result.defocus_angstrom, "scale": result.scale,
+                            "defocus_joint": result.defocus_joint_angstrom, "scale_joint": result.scale_joint}
+    work.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({n: {k: v.tolist() for k, v in b.items()} for n, b in bounds.items()}))
+    return bounds
+
+
 def bounds_from_refinement(data: Path, out_dir: Path) -> dict:
     """Per tomogram: the same Cramér-Rao bounds as :func:`bounds_at_truth`, from the refinement's own
     statistics (``out_dir/temp/statistics``, accumulated at the *starting* CTF) rotated to the true CTF.
