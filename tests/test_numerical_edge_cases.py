@@ -125,10 +125,11 @@ def test_very_low_snr_does_not_move_the_defocus_beyond_its_uncertainty(low_snr_d
     sigma = np.asarray(entry["defocus_uncertainty_angstrom"])
     refined = np.asarray(entry["refined"])
     errors = mean_defocus_errors(low_snr_data, entry)
-    # within the scan (--d0 -3000 --d1 3000; the local fit after the scan may polish past its edge) or
-    # within 4 of its own standard deviations
+    # within the scan (--d0 -3000 --d1 3000) plus one scan step (the local fit polishes the best scan point
+    # within its basin, which reaches one step past the edge; measured 3044 Å once), or within 4 of its
+    # own standard deviations
     change = np.abs(after - before)
-    assert np.all((change <= 3000) | (change < 4 * sigma)), (change, sigma)
+    assert np.all((change <= 3000 + 6000 / 99) | (change < 4 * sigma)), (change, sigma)
     # where a tilt was refined, its reported uncertainty covers the error; no tilt claims precision it has not
     assert np.all(np.abs(errors[refined]) < 5 * sigma[refined] + 20), (errors, sigma)
     assert np.all(after[~refined] == before[~refined])
