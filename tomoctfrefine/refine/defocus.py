@@ -131,7 +131,8 @@ def defocus_scan(data: BandStatistics, wavelength_angstrom: float, offsets_angst
         rotation = np.exp(-1j * np.asarray(psi))
         bs, bc = (rotation * data.b_s).real, (rotation * data.b_c).real
     s_p = data.a_ss @ (cos * cos) + 2 * data.a_sc @ (cos * sin) + data.a_cc @ (sin * sin)
-    s_r = bs @ cos + bc @ sin
+    # contiguous copies: numpy's matmul falls back to a slow loop on the strided .real views (0.5 s)
+    s_r = np.ascontiguousarray(bs) @ cos + np.ascontiguousarray(bc) @ sin
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.where((s_p > 0) & (s_r < 0), s_r * s_r / np.where(s_p > 0, s_p, 1.0), 0.0)
     return -0.5 * gain
