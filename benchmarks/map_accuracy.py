@@ -17,13 +17,17 @@ next to their Cramér-Rao bounds (the refinement's statistics taken to the true 
 ``common.bounds_from_refinement``), and the even/odd
 phase errors from 30 Å to Nyquist (2.7 Å).
 
-If ``RELION_BIN`` names the folder of RELION 5's binaries, ``relion_tomo_refine_ctf`` is run with the same
-settings and its result reconstructed too (by us and by ``relion_tomo_reconstruct_particle``), in the
-same table.
+If ``RELION_BIN`` names the folder of RELION 5's binaries (``../shared/spec/oracles_and_data.md`` section 5
+says how to build them), the true, starting and our refined CTF are reconstructed by
+``relion_tomo_reconstruct_particle --b 256 --crop 128`` too and printed side by side with our
+reconstruction (issue 11, item 3), and ``relion_tomo_refine_ctf`` is run with the same tutorial settings
+(``--relion-boxes``) and its result reconstructed by us (a row of the main table) and by RELION. RELION's
+outputs are cached under ``cache/out/relion_*``.
 
     python benchmarks/map_accuracy.py                       # boxes 128, 256, 512
     python benchmarks/map_accuracy.py --boxes 128,256       # box 512 takes longest
     python benchmarks/map_accuracy.py --only map --regularisation relion
+    RELION_BIN=/work/relion/build/bin python benchmarks/map_accuracy.py --boxes 256,512 --relion-boxes 256 --relion-only
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ RELION_ISSUE = {
 }
 
 
+def relion_environment() -> dict:
+    """Open MPI (RELION's programs link it) refuses to run as root without these."""
+    return {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
 def relion_refine(data: Path, out: Path, box: int, everything: bool, relion_bin: Path, log) -> dict:
     """``relion_tomo_refine_ctf`` with the tutorial settings (skipped if its output exists)."""
     if (out / "optimisation_set.star").exists():
@@ -68,34 +77,61 @@ def relion_refine(data: Path, out: Path, box: int, everything: bool, relion_bin:
         command += ["--do_even_aberrations", "--ne", "4", "--do_odd_aberrations", "--no", "3"]
     log(f"  RELION: {' '.join(command)}")
     started = time.time()
-    result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *command], cwd=data, capture_output=True, text=True)
+    result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *command], cwd=data, capture_output=True, text=True,
+                            env=relion_environment())
     if result.returncode:
         raise RuntimeError(f"RELION failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     peak = [float(line.split()[1]) / 1024 for line in result.stderr.splitlines() if line.startswith("MAXRSS")]
-    measure = {"wall_s": time.time() - started, "peak_mb": peak[-1] if peak else float("nan")}
+    measure = {"wall_s": time.time() - started, "peak_mb": peak[-1] if peak else float("nan"), "load": os.getloadavg()[0]}
+    (out / "relion.out").write_text(result.stdout[-20000:] + result.stderr[-20000:])
     (out / "benchmark.json").write_text(json.dumps(measure))
     return measure
 
 
-def relion_reconstruct(data: Path, opt_path: Path, out: Path, relion_bin: Path, log) -> dict:
-    """``relion_tomo_reconstruct_particle --b 256 --crop 128`` and its map against the true map."""
+def _inputs_key(data: Path, opt_path: Path) -> str:
+    """The optimisation set and the particle and tomogram files it names, with their modification times
+    (a refinement written again invalidates the cached reconstruction)."""
+    from tomoctfrefine.io.optimisation_set import read_optimisation_set
+
+    with common.in_folder(data):
+        opt = read_optimisation_set(Path(opt_path).resolve())
+        files = [Path(opt_path).resolve(), Path(opt.resolved("particles_path")).resolve(), Path(opt.resolved("tomograms_path")).resolve()]
+    return " ".join(f"{f} {f.stat().st_mtime}" for f in files)
+
+
+def relion_reconstruct(data: Path, opt_path: Path, out: Path, relion_bin: Path, log, cached_only: bool = False) -> dict | None:
+    """``relion_tomo_reconstruct_particle --b 256 --crop 128`` of ``opt_path`` into ``out`` and its merged
+    map against the true map (cached in ``out/relion_map.json``, keyed on the input files)."""
     from tomoctfrefine.assess import fit_to_box, truth_measures
     from tomoctfrefine.io.maps import read_map
 
-    merged = out / "merged.mrc"
-    if not merged.exists():
-        command = [str(relion_bin / "relion_tomo_reconstruct_particle"), "--i", str(opt_path), "--o", str(out) + "/",
-                   "--b", str(RECONSTRUCTION_BOX), "--crop", str(RECONSTRUCTION_CROP), "--j", "2"]
-        log(f"  RELION: {' '.join(command)}")
-        result = subprocess.run(command, cwd=data, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"RELION failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    volume, pixel = read_map(merged)
+    record = out / "relion_map.json"
+    key = _inputs_key(data, opt_path)
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key:
+            return saved["measures"]
+    if cached_only:
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    command = [str(relion_bin / "relion_tomo_reconstruct_particle"), "--i", str(Path(opt_path).resolve()), "--o", str(out) + "/",
+               "--b", str(RECONSTRUCTION_BOX), "--crop", str(RECONSTRUCTION_CROP), "--j", "2"]
+    log(f"  RELION: {' '.join(command)}")
+    started = time.time()
+    result = subprocess.run(command, cwd=data, capture_output=True, text=True, env=relion_environment())
+    (out / "relion.out").write_text(result.stdout[-20000:] + result.stderr[-20000:])
+    if result.returncode:
+        raise RuntimeError(f"RELION failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    volume, pixel = read_map(out / "merged.mrc")
     true_map = read_map(data / "ref" / "map_true.mrc")[0]
     mask = read_map(data / "ref" / "mask.mrc")[0]
     size = volume.shape[0]
     m = truth_measures(volume.astype(float), fit_to_box(true_map.astype(float), size), fit_to_box(mask.astype(float), size), pixel)
-    return {k: v for k, v in m.items() if k != "fsc_curve"}
+    measures = {k: v for k, v in m.items() if k != "fsc_curve"}
+    measures["seconds"] = time.time() - started
+    record.write_text(json.dumps({"key": key, "measures": measures}))
+    return measures
 
 
 def main(argv=None) -> None:
@@ -103,11 +139,16 @@ def main(argv=None) -> None:
     parser.add_argument("--boxes", default="128,256,512", help="refinement boxes (comma-separated)")
     parser.add_argument("--report", action="store_true", help="only print the table of what is already cached (no new runs)")
     parser.add_argument("--only", default="map,map_aberrations", help="datasets: map, map_aberrations")
+    parser.add_argument("--relion-boxes", default=None,
+                        help="boxes of the RELION refinements (RELION_BIN set; default: --boxes)")
+    parser.add_argument("--relion-only", action="store_true",
+                        help="with RELION_BIN: no new tomoctfrefine refinements (cached ones only), RELION runs as needed")
     parser.add_argument("--regularisation", choices=("wiener", "relion"), default="relion",
                         help="reconstruction regularisation (relion: the maps relion_tomo_reconstruct_particle writes, "
                              "as in the issue's measurements; wiener: per-shell Wiener from the half sets)")
     args = parser.parse_args(argv)
     boxes = [int(b) for b in args.boxes.split(",") if b.strip()]
+    relion_boxes = [int(b) for b in args.relion_boxes.split(",") if b.strip()] if args.relion_boxes is not None else boxes
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     relion_bin = Path(os.environ["RELION_BIN"]) if os.environ.get("RELION_BIN") else None
     header = common.machine_header()
@@ -117,6 +158,7 @@ def main(argv=None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     tables = []
+    out_root = common.CACHE / "out"
     for name in names:
         if name not in ("map", "map_aberrations"):
             parser.error(f"--only: unknown dataset {name!r}")
@@ -144,12 +186,12 @@ def main(argv=None) -> None:
               f"{other_map['masked_correlation']:.4f} ({other}); FSC 0.5 {fmt(true_map['fsc_0.5_angstrom'], 2)} / "
               f"{fmt(other_map['fsc_0.5_angstrom'], 2)} Å", flush=True)
         start_map = map_of(data / "optimisation_set.star", "start")
-        start_row, bounds_by_box = len(rows), {}
+        start_row, bounds_by_box, refined_maps = len(rows), {}, {}
         rows.append(("true CTF", "-", true_map, None, None))
         for box in boxes:
             out = common.CACHE / "out" / f"{name}_b{box}"
             measure = common.refine_once(data, out, common.tutorial_options(box, everything=everything), log=log,
-                                         cached_only=args.report)
+                                         cached_only=args.report or (args.relion_only and relion_bin is not None))
             if measure is None:
                 continue
             bounds = bounds_by_box[box] = common.bounds_from_refinement(data, out)
@@ -160,21 +202,100 @@ def main(argv=None) -> None:
             refined_map = map_of(out / "optimisation_set.star", f"b{box}")
             if refined_map is None:
                 continue
+            refined_maps[box] = refined_map
             rows.append(("tomoctfrefine, one pass", box, refined_map, errors, measure))
             if not args.report:
                 print_table(name, rows, true_map, header, args, partial=True)
-        if relion_bin is not None and not args.report:
-            for box in boxes:
-                out = common.CACHE / "out" / f"{name}_relion_b{box}"
-                measure = relion_refine(data, out, box, everything, relion_bin, log)
-                errors = common.ctf_errors(data, common.refined_table(out, data), bounds_by_box[box])
-                rows.append(("RELION, one pass", box, map_of(out / "optimisation_set.star", f"relion_b{box}"), errors, measure))
-                ours = relion_reconstruct(data, (out / "optimisation_set.star").resolve(), common.CACHE / "out" / f"{name}_relion_b{box}_recon", relion_bin, log)
-                rows.append(("RELION, reconstructed by RELION", box, ours, None, None))
-        tables.append((name, rows, true_map))
-    for name, rows, true_map in tables:
+        side = []
+        if relion_bin is not None:
+            side = relion_rows(name, data, everything, rows, side, true_map, start_map, refined_maps, bounds_by_box, boxes,
+                               relion_boxes, relion_bin, args, log, out_root)
+        tables.append((name, rows, true_map, side))
+    for name, rows, true_map, side in tables:
         print_table(name, rows, true_map, header, args)
+        if side:
+            print_side_by_side(name, side, header, args)
     print(f"\ntotal {time.time() - started_all:.0f} s; outputs in {common.CACHE / 'out'}")
+
+
+def relion_rows(name, data, everything, rows, side, true_map, start_map, refined_maps, bounds_by_box, boxes, relion_boxes,
+                relion_bin, args, log, out_root) -> list:
+    """RELION's side: ``relion_tomo_reconstruct_particle`` of the true, starting and our refined CTF (issue 11,
+    item 3), and ``relion_tomo_refine_ctf`` with the tutorial settings, reconstructed by us (row of the main
+    table) and by RELION (item 1). Returns the side-by-side rows ``(label, box, ours, RELION's)``."""
+    cached_only = args.report
+
+    def recon(opt_path, tag):
+        if not cached_only:
+            log(f"  RELION reconstruction of {name}: {tag} ...")
+        return relion_reconstruct(data, opt_path, out_root / f"relion_{name}_recon_{tag}", relion_bin, log, cached_only=cached_only)
+
+    side.append(("true CTF", "-", true_map, recon(data / "truth" / "optimisation_set_true.star", "true")))
+    if start_map is not None:
+        side.append(("starting CTF", "-", start_map, recon(data / "optimisation_set.star", "start")))
+    for box in boxes:
+        opt_path = out_root / f"{name}_b{box}" / "optimisation_set.star"
+        if box in refined_maps and opt_path.exists():
+            side.append(("tomoctfrefine, one pass", box, refined_maps[box], recon(opt_path, f"b{box}")))
+    for box in relion_boxes:
+        out = out_root / f"relion_{name}_refine_b{box}"
+        if cached_only and not (out / "optimisation_set.star").exists():
+            continue
+        measure = relion_refine(data, out, box, everything, relion_bin, log)
+        errors = common.ctf_errors(data, common.refined_table(out, data), bounds_by_box.get(box))
+        if not cached_only:
+            log(f"  our reconstruction of RELION's refinement ({name}, box {box}) ...")
+        ours = common.map_measures(out / "optimisation_set.star", data, RECONSTRUCTION_BOX, RECONSTRUCTION_CROP,
+                                   out_root / f"relion_{name}_refine_b{box}_ours_{args.regularisation}",
+                                   regularisation=args.regularisation, log=log, cached_only=cached_only)
+        theirs = recon(out / "optimisation_set.star", f"relion_b{box}")
+        if ours is not None:
+            rows.append(("RELION, one pass", box, ours, errors, measure))
+        side.append(("RELION, one pass", box, ours, theirs))
+    return side
+
+
+def print_side_by_side(name: str, side: list, header: str, args) -> None:
+    """Issue 11, item 3: each CTF reconstructed by us and by ``relion_tomo_reconstruct_particle``; the
+    refined-minus-true correlation must agree to the target."""
+    true_ours = next(r[2] for r in side if r[0] == "true CTF")
+    true_relion = next(r[3] for r in side if r[0] == "true CTF")
+    print()
+    print(f"Side by side, dataset '{name}' -- {header}")
+    print(f"Each CTF reconstructed by tomoctfrefine ({args.regularisation} regularisation) and by relion_tomo_reconstruct_particle "
+          f"--b {RECONSTRUCTION_BOX} --crop {RECONSTRUCTION_CROP}; correlation with the true map inside the mask; target: "
+          f"(RELION's - RELION's true) within {TARGET_CORRELATION_GAP} of (ours - our true).")
+    print()
+    head = (f"{'CTF':<26} {'box':>4} | {'ours':>6} {'- true':>7} {'FSC0.5':>6} | {'RELION':>6} {'- true':>7} {'FSC0.5':>6} | "
+            f"{'RELION-ours':>11} {'of - true':>9} | verdict")
+    print(head)
+    print("-" * len(head))
+    for label, box, ours, relion in side:
+        text = f"{label:<26} {str(box):>4} | "
+        if ours is not None and true_ours is not None:
+            gap_ours = ours["masked_correlation"] - true_ours["masked_correlation"]
+            text += f"{ours['masked_correlation']:6.4f} {gap_ours:+7.4f} {fmt(ours['fsc_0.5_angstrom'], 2, 6)} | "
+        else:
+            gap_ours = None
+            text += f"{'-':>6} {'':>7} {'':>6} | "
+        if relion is not None and true_relion is not None:
+            gap_relion = relion["masked_correlation"] - true_relion["masked_correlation"]
+            text += f"{relion['masked_correlation']:6.4f} {gap_relion:+7.4f} {fmt(relion['fsc_0.5_angstrom'], 2, 6)} | "
+        else:
+            gap_relion = None
+            text += f"{'-':>6} {'':>7} {'':>6} | "
+        if ours is not None and relion is not None:
+            text += f"{relion['masked_correlation'] - ours['masked_correlation']:+11.4f} "
+        else:
+            text += f"{'':>11} "
+        if gap_ours is not None and gap_relion is not None:
+            text += f"{gap_relion - gap_ours:+9.4f} | "
+            if label != "true CTF":
+                text += verdict(abs(gap_relion - gap_ours), TARGET_CORRELATION_GAP, "", digits=4)
+        else:
+            text += f"{'':>9} | "
+        print(text)
+    sys.stdout.flush()
 
 
 def print_table(name: str, rows: list, true_map: dict, header: str, args, partial: bool = False) -> None:
@@ -195,8 +316,10 @@ def print_table(name: str, rows: list, true_map: dict, header: str, args, partia
         text = f"{label:<26} {str(box):>4} | {fmt(m['masked_correlation'], 4, 6)} {gap:+7.4f} {fmt(m['fsc_0.5_angstrom'], 2, 6)} {fmt(m['fsc_0.143_angstrom'], 2, 6)} | "
         if errors is not None:
             low, every = errors["bands"]["<40"], errors["bands"]["all"]
-            text += (f"{fmt(low['defocus_rmse'], 1, 10)} {fmt(low['defocus_bound'], 1, 5)} | {fmt(every['defocus_rmse'], 0, 7)} "
-                     f"{fmt(every['defocus_bound'], 1, 6)} | {fmt(100 * low['scale_rel_rms'], 2, 10)} {fmt(100 * low['scale_bound'], 2, 5)} | "
+            scale_bound = low.get("scale_bound")
+            text += (f"{fmt(low['defocus_rmse'], 1, 10)} {fmt(low.get('defocus_bound'), 1, 5)} | {fmt(every['defocus_rmse'], 0, 7)} "
+                     f"{fmt(every.get('defocus_bound'), 1, 6)} | {fmt(100 * low['scale_rel_rms'], 2, 10)} "
+                     f"{fmt(None if scale_bound is None else 100 * scale_bound, 2, 5)} | "
                      f"{fmt(errors['phase']['even_nyquist'], 3, 8)} {fmt(errors['phase']['odd_nyquist'], 3, 7)} | ")
         else:
             text += f"{'':>10} {'':>5} | {'':>7} {'':>6} | {'':>10} {'':>5} | {'':>8} {'':>7} | "
