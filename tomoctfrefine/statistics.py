@@ -118,7 +118,7 @@ def compute_statistics(
     with_flipped_hand: bool = False,
     trajectory_shifts_angstrom: np.ndarray | None = None,
     tilts=None,
-    chunk_megabytes: float = 64.0,
+    chunk_megabytes: float = 32.0,
     windowed: bool = True,
 ) -> TiltStatistics:
     """Accumulate the sufficient statistics of one tomogram, streaming over tilts and particle chunks.
