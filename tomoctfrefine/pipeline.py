@@ -388,6 +388,7 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
                       f"{tomo.tilt_count} tilts, {int(statistics.particle_count.sum())} particle-tilt pairs, "
                       f"{time.time() - started:.1f} s")
             bar.advance(len(rows), name)
+            del statistics, images, weights  # not alive while the next tomogram's are made
     world.barrier()
     return run
 
@@ -475,6 +476,7 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
                       f"uncertainty {np.median(fit.uncertainty_angstrom[fit.refined]) if fit.refined.any() else float('nan'):.0f} Å, "
                       f"{time.time() - started:.1f} s")
             bar.advance(len(data.rows(name)), name)
+            del statistics  # not alive while the next tomogram's are read
     world.barrier()
 
 
