@@ -143,12 +143,15 @@ def test_writing_refuses_non_finite_values(edge_data, edge_run, tmp_path, step, 
     shutil.copytree(edge_data / "out", out)
     for name in ("optimisation_set.star", "summary.json"):
         (out / name).unlink()
-    path = out / "temp" / step / "TS_01.npz"
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
-    arrays[key] = arrays[key].astype(float)
-    arrays[key][2] = np.nan
-    np.savez(path, **arrays)
+    # the step's own file, and the scale step's evidence where it holds the defocus it polished
+    for path in [out / "temp" / step / "TS_01.npz", *sorted((out / "temp" / "scale").glob("TS_01.evidence_*.npz"))]:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        if key not in arrays:
+            continue
+        arrays[key] = arrays[key].astype(float)
+        arrays[key][2] = np.nan
+        np.savez(path, **arrays)
     written = (out / "tilt_series" / "TS_01.star").read_text()
     with pytest.raises(RuntimeError, match=f"^TS_01: refusing to write non-finite {label} values$"):
         pipeline.write_outputs(out)

@@ -601,3 +601,63 @@ def accumulate_windowed_statistics(observations, predictions, weight, with_flipp
                     f_cc[y, x] += w * (qc.real * qc.real + qc.imag * qc.imag)
                     fb_s[y, x] += w * o * qs.conjugate()
                     fb_c[y, x] += w * o * qc.conjugate()
+
+
+@njit(cache=True, parallel=True)
+def model_spectra(slices, shifts, depth_phase, gamma_phasor, freq_unit2, common, out):
+    """Spectra of rendered particles (see ``image_model.py``): for particle ``i`` and pixel ``k``,
+    ``out = common * sin(gamma - depth_phase_i |k|^2) * slice_i * exp(-2 pi i k.t_i / s)``: the
+    particle's model at its sub-pixel offset ``t_i`` from its box centre (the inverse of the shift that
+    :func:`shift_observations` applies to an observation). Separable phase tables, as in
+    :func:`accumulate_tilt_statistics`: no trigonometry per pixel.
+
+    slices : complex64 (m, s, sh) ; shifts : float64 (m, 2) ; depth_phase : float64 (m,) ;
+    gamma_phasor : complex128 (s, sh) ``exp(i gamma)`` ; common : complex128 (s, sh) ; out : complex64, written
+    """
+    m = slices.shape[0]
+    s = slices.shape[1]
+    sh = slices.shape[2]
+    for p in prange(m):
+        shift_columns = np.empty(sh, dtype=np.complex128)
+        depth_columns = np.empty(sh, dtype=np.complex128)
+        for x in range(sh):
+            phase = -2.0 * np.pi * x * shifts[p, 0] / s
+            shift_columns[x] = complex(np.cos(phase), np.sin(phase))
+            phase = -depth_phase[p] * x * x * freq_unit2
+            depth_columns[x] = complex(np.cos(phase), np.sin(phase))
+        for y in range(s):
+            ky = y if y < s // 2 else y - s
+            phase = -2.0 * np.pi * ky * shifts[p, 1] / s
+            shift_row = complex(np.cos(phase), np.sin(phase))
+            phase = -depth_phase[p] * ky * ky * freq_unit2
+            depth_row = complex(np.cos(phase), np.sin(phase))
+            for x in range(sh):
+                sine = (gamma_phasor[y, x] * depth_columns[x] * depth_row).imag
+                value = common[y, x] * sine * complex(slices[p, y, x]) * shift_columns[x] * shift_row
+                out[p, y, x] = value
+
+
+@njit(cache=True)
+def add_patches(image, patches, origins):
+    """Add rolled ``s x s`` patches (centre at pixel 0, as ``irfft2`` returns them) into ``image`` with
+    their box origins ``(ox, oy)``; the parts outside the image are dropped.
+
+    image : float32 (H, W), added to ; patches : float32 or float64 (m, s, s) ; origins : int64 (m, 2)
+    """
+    height = image.shape[0]
+    width = image.shape[1]
+    s = patches.shape[1]
+    half = s // 2
+    for p in range(patches.shape[0]):
+        ox = origins[p, 0]
+        oy = origins[p, 1]
+        for by in range(s):
+            y = oy + by
+            if y < 0 or y >= height:
+                continue
+            sy = (by + half) % s
+            for bx in range(s):
+                x = ox + bx
+                if x < 0 or x >= width:
+                    continue
+                image[y, x] += patches[p, sy, (bx + half) % s]

@@ -74,6 +74,7 @@ class RefineOptions:
     diagnostics: bool = False
     assess: bool = False
     check_hand: bool = True
+    model_neighbours: bool = True
 
     @property
     def do_aberrations(self) -> bool:
@@ -86,7 +87,7 @@ class RefineOptions:
 
 
 _STATISTICS_FIELDS = ("box_size_px", "freq_cutoff_angstrom", "fsc_threshold_width_px", "use_snr_weight",
-                      "per_frame_noise", "check_hand")
+                      "per_frame_noise", "check_hand", "model_neighbours")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +254,8 @@ class _Inputs:
     def with_statistics(self) -> list[str]:
         return [n for n in self.names if _finished(self.run.temp / "statistics" / f"{n}.npz")]
 
-    def statistics(self, name: str) -> TiltStatistics:
-        return TiltStatistics.load(self.run.temp / "statistics" / f"{name}.npz")
+    def statistics(self, name: str, with_flipped_hand: bool = False) -> TiltStatistics:
+        return TiltStatistics.load(self.run.temp / "statistics" / f"{name}.npz", with_flipped_hand)
 
     def frame_range(self, n_tilts: int) -> np.ndarray:
         """Tilts selected by ``--min_frame``/``--max_frame`` (table order; max <= 0 means all)."""
@@ -308,8 +309,6 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
     from . import reference as reference_mod
     from .io import particles as particles_io
     from .io import tomograms as tomograms_io
-    from .io.fsc import read_fsc
-    from .io.maps import read_map
     from .io.trajectories import read_trajectories
     from .statistics import compute_statistics
     from .validate import validate_inputs
@@ -348,16 +347,7 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
         world.barrier()
         return run
 
-    half1, voxel = read_map(inputs["ref1_path"])
-    half2, _ = read_map(inputs["ref2_path"])
-    mask = read_map(inputs["mask_path"])[0] if inputs.get("mask_path") else None
-    references = reference_mod.prepare_references(half1, half2, mask, options.box_size_px, voxel,
-                                                  map_paths=(inputs["ref1_path"], inputs["ref2_path"]))
-    fsc = read_fsc(inputs["fsc_path"]) if inputs.get("fsc_path") else _half_map_fsc(run, half1, half2, mask, voxel)
-    cutoff = reference_mod.frequency_cutoff_weight(
-        references, fsc=fsc, freq_cutoff_angstrom=options.freq_cutoff_angstrom,
-        fsc_thresh_width_px=options.fsc_threshold_width_px, use_snr_weight=options.use_snr_weight)
-    references = references.cropped(reference_mod.weight_support_radius_px(cutoff))
+    references, cutoff = _references_and_cutoff(run)
     trajectories = read_trajectories(inputs["trajectories_path"]) if inputs.get("trajectories_path") else None
 
     with Progress("prepare", sum(counts[n] for n in todo), len(todo), enabled=_show_progress(world)) as bar:
@@ -391,6 +381,30 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
             del statistics, images, weights  # not alive while the next tomogram's are made
     world.barrier()
     return run
+
+
+def _references_and_cutoff(run: Run):
+    """The prepared half maps (cropped to the weights' support) and the FSC-based frequency weight."""
+    from . import reference as reference_mod
+    from .io.fsc import read_fsc
+    from .io.maps import read_map
+
+    inputs, options = run.inputs, run.options
+    half1, voxel = read_map(inputs["ref1_path"])
+    half2, _ = read_map(inputs["ref2_path"])
+    mask = read_map(inputs["mask_path"])[0] if inputs.get("mask_path") else None
+    references = reference_mod.prepare_references(half1, half2, mask, options.box_size_px, voxel,
+                                                  map_paths=(inputs["ref1_path"], inputs["ref2_path"]))
+    if inputs.get("fsc_path"):
+        fsc = read_fsc(inputs["fsc_path"])
+    elif (run.temp / "half_map_fsc.star").exists():
+        fsc = read_fsc(run.temp / "half_map_fsc.star")
+    else:
+        fsc = _half_map_fsc(run, half1, half2, mask, voxel)
+    cutoff = reference_mod.frequency_cutoff_weight(
+        references, fsc=fsc, freq_cutoff_angstrom=options.freq_cutoff_angstrom,
+        fsc_thresh_width_px=options.fsc_threshold_width_px, use_snr_weight=options.use_snr_weight)
+    return references.cropped(reference_mod.weight_support_radius_px(cutoff)), cutoff
 
 
 def _half_map_fsc(run: Run, half1, half2, mask, voxel_size_angstrom: float):
@@ -447,7 +461,7 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
             if run.options.only_do_unfinished and _finished(target):
                 continue
             started = time.time()
-            statistics = data.statistics(name)
+            statistics = data.statistics(name, with_flipped_hand=True)
             tomo = data.tomogram(name)
             selected = data.frame_range(tomo.tilt_count)
             kwargs = dict(
@@ -486,29 +500,175 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
 
 def _scale_evidence(run: Run, data: _Inputs, name: str):
     """Per-tilt scale estimate and its information at the latest CTF (refined defocus and aberrations,
-    else the input), over the scale band (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
+    else the input), from the statistics, over the scale band (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
     from .physics.geometry import fourier_grid_per_angstrom
     from .physics.zernike import even_phase_rad, odd_phase_rad
     from .refine.scale import scale_at_ctf
 
     statistics = data.statistics(name)
-    tomo = data.tomogram(name)
-    before = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
-    latest = _latest_defocus(run, name) if run.options.do_defocus else None
-    after = before if latest is None else (latest["defocus_u_angstrom"], latest["defocus_v_angstrom"], latest["defocus_angle_deg"])
-    group = data.optics_group(name)
-    even, odd = data.zernike(group)
-    new_even, new_odd = even, odd
-    group_file = run.temp / "aberrations" / f"group_{group}.npz"
-    if run.options.do_aberrations and _finished(group_file):
-        arrays = _load_arrays(group_file)
-        new_even = even if arrays.get("even_coefficients") is None else list(arrays["even_coefficients"])
-        new_odd = odd if arrays.get("odd_coefficients") is None else list(arrays["odd_coefficients"])
+    before = data.tomogram(name)
+    after, (even, _), (new_even, new_odd) = _latest_ctf(run, data, name)
     fx, fy = fourier_grid_per_angstrom(statistics.box_size_px, statistics.pixel_size_angstrom)
     even_change = even_phase_rad(new_even, fx, fy) - even_phase_rad(even, fx, fy) if (any(even) or any(new_even)) else None
     odd_phase = odd_phase_rad(new_odd, fx, fy) if any(new_odd) else None
-    return scale_at_ctf(statistics, tomo.optics.wavelength_angstrom, before, after,
+    ctf = lambda t: (t.defocus_u_angstrom, t.defocus_v_angstrom, t.defocus_angle_deg)  # noqa: E731
+    return scale_at_ctf(statistics, before.optics.wavelength_angstrom, ctf(before), ctf(after),
                         even_phase_change_rad=even_change, odd_phase_rad=odd_phase)
+
+
+def _latest_ctf(run: Run, data: _Inputs, name: str):
+    """The tomogram at its latest CTF (refined defocus, else the input) and the latest even and odd
+    Zernike coefficients of its optics group, plus the input ones."""
+    import dataclasses
+
+    tomo = data.tomogram(name)
+    latest = _latest_defocus(run, name) if run.options.do_defocus else None
+    if latest is not None:
+        tomo = dataclasses.replace(tomo, defocus_u_angstrom=latest["defocus_u_angstrom"],
+                                   defocus_v_angstrom=latest["defocus_v_angstrom"],
+                                   defocus_angle_deg=latest["defocus_angle_deg"])
+    group = data.optics_group(name)
+    even, odd = data.zernike(group)
+    new_even, new_odd = list(even), list(odd)
+    group_file = run.temp / "aberrations" / f"group_{group}.npz"
+    if run.options.do_aberrations and _finished(group_file):
+        arrays = _load_arrays(group_file)
+        if arrays.get("even_coefficients") is not None:
+            new_even = list(arrays["even_coefficients"])
+        if arrays.get("odd_coefficients") is not None:
+            new_odd = list(arrays["odd_coefficients"])
+    return tomo, (list(even), list(odd)), (new_even, new_odd)
+
+
+def _ctf_stage(run: Run, name: str) -> str:
+    """Which step's CTF the scale evidence of a tomogram is computed at (names its evidence file)."""
+    if run.options.do_aberrations and _finished(run.temp / "aberrations" / f"{name}.npz"):
+        return "aberrations"
+    if run.options.do_defocus and _finished(run.temp / "defocus" / f"{name}.npz"):
+        return "defocus"
+    return "input"
+
+
+def _evidence_path(run: Run, name: str) -> Path:
+    return run.temp / "scale" / f"{name}.evidence_{_ctf_stage(run, name)}.npz"
+
+
+def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cutoff, first_estimate):
+    """Per-tilt scale estimate and information with the neighbouring particles modelled, and (when the
+    defocus is refined) the defocus polished on the same statistics.
+
+    Every particle is rendered at the latest CTF and the first scale estimate
+    (:func:`tomoctfrefine.image_model.render_tilt_model`), the tilt images minus that model are
+    accumulated at the latest CTF with their own noise weights, and each particle's own model is added
+    back to its statistics (:func:`tomoctfrefine.image_model.with_own_particles`): what remains in a box
+    besides its particle is the noise and the model's error, not the neighbours' signal. The defocus is
+    then refitted locally from the latest CTF (no scan), and the scale taken at that defocus.
+
+    Returns
+    -------
+    (estimate, information, polished) : the scale evidence and a DefocusFit (or None).
+    """
+    import numba
+
+    from . import forward, kernels
+    from . import reference as reference_mod
+    from .image_model import render_tilt_model, with_own_particles
+    from .io import particles as particles_io
+    from .io import tomograms as tomograms_io
+    from .io.maps import release_pages
+    from .io.trajectories import read_trajectories
+    from .physics.geometry import fourier_grid_per_angstrom
+    from .physics.zernike import odd_phase_rad
+    from .refine import defocus as defocus_mod
+    from .refine.scale import scale_at_ctf, scale_band, scale_evidence
+    from .statistics import compute_statistics
+
+    options = run.options
+    tomo, _, (even, odd) = _latest_ctf(run, data, name)
+    rows = data.rows(name)
+    positions = particles_io.particle_positions_px(data.particle_set, rows, tomo)
+    rotations = particles_io.particle_rotations(data.particle_set, rows)
+    halves = particles_io.half_sets(data.particle_set, rows)
+    shifts = None
+    if run.inputs.get("trajectories_path"):
+        trajectories = read_trajectories(run.inputs["trajectories_path"])
+        shifts = np.stack([trajectories[n] for n in particles_io.particle_names(data.particle_set, rows)])
+    s = options.box_size_px
+    fx, fy = fourier_grid_per_angstrom(s, tomo.pixel_size_angstrom)
+    odd_phase = odd_phase_rad(odd, fx, fy) if any(odd) else None
+    scale = np.where(first_estimate[1] > 0, first_estimate[0], tomo.ctf_scale)
+    selected = np.nonzero(data.frame_range(tomo.tilt_count))[0]
+
+    images = tomograms_io.load_tilt_images(tomo)
+    n_tilts, height, width = images.shape
+    image_positions = forward.image_positions_px(tomo, positions, shifts)
+    matrices = forward.particle_matrices(tomo, rotations)
+    depth_phase = np.pi * tomo.optics.wavelength_angstrom * forward.depth_defocus_angstrom(tomo, positions)
+    max_radius2 = float(references.max_radius_px) ** 2 if np.isfinite(references.max_radius_px) else float(s * s)
+    residual_path = run.temp / "scale" / f".{name}.residual.npy"
+    residual_path.parent.mkdir(parents=True, exist_ok=True)
+    residual = np.lib.format.open_memmap(residual_path, mode="w+", dtype=np.float32, shape=images.shape)
+    try:
+        workers = numba.get_num_threads()
+        for f in range(n_tilts):
+            image = np.array(images[f], dtype=np.float32)
+            release_pages(images)
+            centres = image_positions[:, f, :2]
+            near = np.nonzero(np.all((centres > -s / 2) & (centres < np.array([width, height]) + s / 2), axis=1))[0]
+            if f in selected and len(near):
+                slices = np.empty((len(near), s, s // 2 + 1), dtype=np.complex64)
+                kernels.central_slices(references.bricks, references.grid_size, np.asarray(halves[near], dtype=np.int64) - 1,
+                                       np.ascontiguousarray(matrices[near, f]), max_radius2, slices)
+                image -= render_tilt_model(tomo, f, image_positions[near, f], slices, depth_phase[near, f], float(scale[f]),
+                                           even, odd_phase, (height, width), workers=workers)
+            residual[f] = image
+        residual.flush()
+        weights = reference_mod.noise_weights(residual, s, per_frame=options.per_frame_noise) * cutoff[None]
+        statistics = compute_statistics(tomo, residual, positions, rotations, halves, references, weights, even,
+                                        trajectory_shifts_angstrom=shifts, tilts=selected.tolist())
+    finally:
+        del residual
+        residual_path.unlink(missing_ok=True)
+    statistics = with_own_particles(statistics, scale, odd_phase)
+    if not options.do_defocus:
+        estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=scale_band(s, tomo.pixel_size_angstrom))
+        return estimate, information, None
+    ctf = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
+    polished = defocus_mod.refine_defocus(
+        statistics, tomo.optics.wavelength_angstrom, *ctf, scan_steps=1, band=_band(run, statistics),
+        regularisation_lambda=options.regularisation_lambda if options.regularise_defocus else 0.0,
+        odd_phase_rad=odd_phase, input_scale=scale, tilt_mask=data.frame_range(tomo.tilt_count))
+    after = (polished.defocus_u_angstrom, polished.defocus_v_angstrom, polished.defocus_angle_deg)
+    estimate, information = scale_at_ctf(statistics, tomo.optics.wavelength_angstrom, ctf, after, odd_phase_rad=odd_phase)
+    return estimate, information, polished
+
+
+def _scale_evidence_step(run: Run, data: _Inputs, world: World) -> dict:
+    """Every rank computes the scale evidence of its share of the tomograms (saved per CTF stage, so a
+    resumed run reuses it); returns the paths of all tomograms' evidence files."""
+    names = data.with_statistics()
+    paths = {n: _evidence_path(run, n) for n in names}
+    mine = world.share(names, [len(data.rows(n)) for n in names])
+    todo = [n for n in mine if not _finished(paths[n])]
+    if todo:
+        references = cutoff = None
+        with Progress("scale", sum(len(data.rows(n)) for n in todo), len(todo), enabled=_show_progress(world)) as bar:
+            for name in todo:
+                started = time.time()
+                estimate, information = _scale_evidence(run, data, name)
+                first, polished = (estimate, information), None
+                if run.options.model_neighbours:
+                    if references is None:
+                        references, cutoff = _references_and_cutoff(run)
+                    estimate, information, polished = _neighbour_scale_evidence(run, data, name, references, cutoff, first)
+                extra = {} if polished is None else {k: v for k, v in _defocus_arrays(polished).items() if v is not None}
+                _save_arrays(paths[name], **extra, estimate=estimate, information=information, first_estimate=first[0],
+                             first_information=first[1])
+                if run.options.model_neighbours:
+                    _log(run, f"scale: {name}: neighbouring particles modelled ({time.time() - started:.1f} s)")
+                bar.advance(len(data.rows(name)), name)
+    world.barrier()
+    return paths
 
 
 def refine_scale(out_dir, world: World | None = None) -> None:
@@ -517,12 +677,16 @@ def refine_scale(out_dir, world: World | None = None) -> None:
 
     world = world or World()
     run = Run.load(out_dir)
+    data = _Inputs(run)
+    paths = _scale_evidence_step(run, data, world)
     if not world.is_leader:
         world.barrier()
         return
-    data = _Inputs(run)
     names = data.with_statistics()
-    evidence = {n: _scale_evidence(run, data, n) for n in names}
+    evidence = {}
+    for n in names:
+        arrays = _load_arrays(paths[n])
+        evidence[n] = (arrays["estimate"], arrays["information"])
     tomos = {n: data.tomogram(n) for n in names}
     for n in names:
         selected = data.frame_range(tomos[n].tilt_count)
@@ -625,6 +789,13 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
 
 
 def _latest_defocus(run: Run, name: str) -> dict | None:
+    """The latest defocus fit: polished with the neighbours modelled (scale step), else the aberration
+    step's, else the defocus step's."""
+    evidence = _evidence_path(run, name)
+    if _finished(evidence):
+        arrays = _load_arrays(evidence)
+        if "defocus_u_angstrom" in arrays:
+            return arrays
     for step in ("aberrations", "defocus"):
         path = run.temp / step / f"{name}.npz"
         if _finished(path):
@@ -776,8 +947,8 @@ def run_refinement(opt, options: RefineOptions, out_dir, command_line: str = "")
         prepare(opt, options, out_dir, command_line, world)
         if options.do_defocus or options.check_hand:
             refine_defocus(out_dir, world)
-        if options.do_scale:
-            refine_scale(out_dir, world)
+        if options.do_scale and not options.do_aberrations:
+            refine_scale(out_dir, world)  # with aberrations, their step fits the scale at the final CTF
         if options.do_aberrations:
             refine_aberrations(out_dir, world)
         out = write_outputs(out_dir, world)

@@ -6,7 +6,9 @@ Differences from RELION, all deliberate:
 * ``--per_tomo_scale`` (what RELION's GUI and Scipion's wrapper emit, and RELION ignores) is read as
   ``--per_tomogram_scale``, with a notice;
 * contradictory flags are errors: both scale modes; ``--d0 >= --d1`` (the collapsed scan that
-  Scipion's RELION wrapper produces); an odd or non-positive ``--b``.
+  Scipion's RELION wrapper produces); an odd or non-positive ``--b``;
+* ``--no_neighbour_model`` (ours): fit the scale with the neighbouring particles' signal counted as
+  noise, as RELION does, instead of modelling it.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ GROUPS = {
         ("--per_frame_scale", dict(action="store_true", help="Estimate the scale per tilt (no Beer-Lambert model)")),
         ("--per_tomogram_scale", dict(action="store_true", help="Fit a Beer-Lambert model per tomogram, with its own luminance")),
         ("--per_tomo_scale", dict(action="store_true", help=argparse.SUPPRESS)),
+        ("--no_neighbour_model", dict(action="store_true", help="Fit the scale without modelling the neighbouring particles "
+                                      "in each box (faster, as RELION; their signal then counts as noise)")),
     ],
     "Aberration refinement options": [
         ("--do_even_aberrations", dict(action="store_true", help="Refine the symmetric (even) aberrations")),
@@ -152,6 +156,7 @@ def options_from_args(args: argparse.Namespace):
         only_do_unfinished=args.only_do_unfinished,
         diagnostics=args.diag,
         assess=args.assess,
+        model_neighbours=not args.no_neighbour_model,
     )
 
 

@@ -1,0 +1,99 @@
+"""The model of a whole tilt image: every particle's prediction at the current CTF and scale, in place.
+
+An observed box holds its particle, the noise, and the parts of its neighbours that reach into it. At low
+and middle frequencies, where a tilt's contrast scale gets most of its information, the neighbours'
+signal is far stronger than the noise: treated as noise it triples the scatter of the per-tilt scale
+beyond what the data allow (the Cramér-Rao bound with the neighbours known). Subtracting the model of the
+whole tilt image and adding back each particle's own model (analytically, :func:`with_own_particles`)
+gives statistics whose residual is the noise and the model's error only.
+
+Conventions are those of :mod:`tomoctfrefine.statistics`: a particle's observation, centred on it, is
+``o = -c exp(i psi) sin(gamma_i) q`` with ``q = -1.02 sqrt(s) D F_h(M^T k)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+
+from .statistics import TiltStatistics
+
+
+def render_tilt_model(
+    tomogram,
+    tilt: int,
+    image_positions: np.ndarray,
+    slices: np.ndarray,
+    depth_phase: np.ndarray,
+    scale: float,
+    even_zernike=(),
+    odd_phase_rad: np.ndarray | None = None,
+    image_shape: tuple[int, int] | None = None,
+    workers: int = -1,
+) -> np.ndarray:
+    """The noiseless model of one tilt image, ``(H, W)`` float32.
+
+    Parameters
+    ----------
+    tomogram : Tomogram
+        Geometry and the CTF to render with.
+    tilt : int
+    image_positions : ndarray (m, 2+)
+        Projected particle centres in this tilt (px), e.g. ``forward.image_positions_px(...)[:, tilt]``.
+    slices : ndarray (m, s, s//2+1) complex
+        Central slices ``F_h(M^T k)`` of the particles' half maps (``kernels.central_slices``).
+    depth_phase : ndarray (m,)
+        ``pi lambda dz_i`` of each particle's depth defocus (rad Å²), e.g.
+        ``pi * wavelength * forward.depth_defocus_angstrom(tomogram, positions)[:, tilt]``.
+    scale : float
+        The tilt's contrast scale ``c``.
+    even_zernike : sequence of float
+        Even aberration coefficients (in gamma).
+    odd_phase_rad : ndarray (s, s//2+1) or None
+    image_shape : (H, W) or None
+        Default: the tomogram's image size.
+    workers : int
+        FFT threads.
+    """
+    from . import forward, kernels
+
+    s = slices.shape[1]
+    sh = s // 2 + 1
+    height, width = image_shape if image_shape is not None else tuple(tomogram.image_size_px)[::-1]
+    out = np.zeros((height, width), dtype=np.float32)
+    if not len(slices):
+        return out
+    gamma = forward.tilt_gamma(tomogram, s, even_zernike, [tilt])[0]
+    damping = forward.tilt_damping(tomogram, s, [tilt])[0]
+    common = -scale * -forward.prediction_normalisation(s) * damping
+    common = common * np.exp(1j * odd_phase_rad) if odd_phase_rad is not None else common.astype(np.complex128)
+    origins, shifts = forward.box_origins_and_shifts(image_positions, s)
+    freq_unit2 = 1.0 / (s * tomogram.pixel_size_angstrom) ** 2
+    chunk = 64
+    spectra = np.empty((min(chunk, len(slices)), s, sh), dtype=np.complex64)
+    for start in range(0, len(slices), chunk):
+        rows = slice(start, min(start + chunk, len(slices)))
+        n = rows.stop - rows.start
+        kernels.model_spectra(np.ascontiguousarray(slices[rows]), np.ascontiguousarray(shifts[rows], dtype=np.float64),
+                              np.ascontiguousarray(depth_phase[rows], dtype=np.float64), np.exp(1j * gamma), freq_unit2,
+                              common, spectra[:n])
+        patches = scipy.fft.irfft2(spectra[:n], s=(s, s), norm="ortho", workers=workers)
+        kernels.add_patches(out, patches, np.ascontiguousarray(origins[rows]))
+    return out
+
+
+def with_own_particles(residual: TiltStatistics, scale, odd_phase_rad: np.ndarray | None = None) -> TiltStatistics:
+    """Statistics of ``residual + own model`` from the statistics of the residual images.
+
+    ``residual`` was accumulated on the tilt images minus :func:`render_tilt_model` (every particle at
+    the statistics' CTF and the per-tilt ``scale``). Adding each particle's own model
+    ``-c exp(i psi) sin(gamma) q`` back to its observation changes, exactly,
+    ``b_s -> b_s - c exp(i psi) a_ss``, ``b_c -> b_c - c exp(i psi) a_sc`` and
+    ``oo -> oo + c^2 a_ss - 2 c Re(exp(-i psi) b_s)``; the ``a`` terms do not involve the observations.
+    """
+    c = np.asarray(scale, dtype=float)[:, None, None]
+    phasor = 1.0 if odd_phase_rad is None else np.exp(1j * np.asarray(odd_phase_rad))[None]
+    b_s = residual.b_s - c * phasor * residual.a_ss
+    b_c = residual.b_c - c * phasor * residual.a_sc
+    oo = residual.oo + c**2 * residual.a_ss - 2 * c * np.real(np.conj(phasor) * residual.b_s)
+    return TiltStatistics(residual.a_ss, residual.a_sc, residual.a_cc, b_s, b_c, oo, residual.particle_count,
+                          residual.box_size_px, residual.pixel_size_angstrom)
