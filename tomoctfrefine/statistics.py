@@ -88,12 +88,14 @@ class TiltStatistics:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path) -> "TiltStatistics":
+    def load(cls, path, with_flipped_hand: bool = True) -> "TiltStatistics":
+        """Read :meth:`save`'s file; ``with_flipped_hand=False`` leaves the opposite hand's arrays on
+        disk (only the hand check reads them: they are almost half of the memory)."""
         with np.load(path) as data:
             meta = data["meta"]
             common = dict(particle_count=data["particle_count"], box_size_px=int(meta[0]), pixel_size_angstrom=float(meta[1]))
             flipped = None
-            if "flipped_a_ss" in data:
+            if with_flipped_hand and "flipped_a_ss" in data:
                 flipped = cls(**{n: data[f"flipped_{n}"] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common)
             return cls(**{n: data[n] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common, flipped_hand=flipped)
 
