@@ -532,34 +532,39 @@ def crop_boxes(images, taper, out):
     s = out.shape[2]
     radius = s / 2.0
     half = s // 2
+    # source row/column of box pixel y/x (offset y - s/2, wrapped) and the outside-the-circle test,
+    # looked up once instead of per pixel
+    rows = np.empty(s, dtype=np.int64)
+    columns = np.empty(s, dtype=np.int64)
+    for i in range(s):
+        rows[i] = i - half + big_rows if i < half else i - half
+        columns[i] = i - half + big if i < half else i - half
+    outside = np.empty((s, s), dtype=np.bool_)
+    for y in range(s):
+        dy = y - radius
+        for x in range(s):
+            dx = x - radius
+            outside[y, x] = dx * dx + dy * dy > radius * radius
     for p in prange(m):
         for h in range(nh):
             total = 0.0
             count = 0
             for y in range(s):
-                sy = y - half
-                if sy < 0:
-                    sy += big_rows
-                dy = y - radius
+                line = images[p, h, rows[y]]
+                mask = outside[y]
                 for x in range(s):
-                    dx = x - radius
-                    if dx * dx + dy * dy > radius * radius:
-                        sx = x - half
-                        if sx < 0:
-                            sx += big
-                        total += images[p, h, sy, sx]
+                    if mask[x]:
+                        total += line[columns[x]]
                         count += 1
             outside_mean = total / count if count > 0 else 0.0
             for y in range(s):
-                sy = y - half
-                if sy < 0:
-                    sy += big_rows
-                ty = (y + half) % s
-                for x in range(s):
-                    sx = x - half
-                    if sx < 0:
-                        sx += big
-                    out[p, h, ty, (x + half) % s] = taper[y, x] * (images[p, h, sy, sx] - outside_mean)
+                line = images[p, h, rows[y]]
+                weights = taper[y]
+                target = out[p, h, (y + half) % s]
+                for x in range(half):
+                    target[x + half] = weights[x] * (line[columns[x]] - outside_mean)
+                for x in range(half, s):
+                    target[x - half] = weights[x] * (line[columns[x]] - outside_mean)
 
 
 @njit(cache=True, parallel=True)
