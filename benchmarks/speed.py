@@ -5,6 +5,8 @@ per tomogram, 96³ reference (``tomoctfrefine simulate --preset accuracy``), mad
 ``benchmarks/cache/``. Each configuration runs in a fresh process (``--j 2``, or 2 MPI ranks with
 ``--j 1``); numba's compilation is cached (``cache=True``) and warmed by a first, untimed run whose
 time is reported separately. Peak memory is the largest resident set of one process (per rank).
+CPU time (user + system, all threads, summed over ranks) is printed too: on a loaded machine it is the
+number to compare, and the load average at the start of each row says how loaded it was.
 
     python benchmarks/speed.py            # the whole table (~10 min on 2 cores)
     python benchmarks/speed.py --quick    # box 128 only
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -55,8 +58,9 @@ def child(arguments: list[str]) -> None:
     started = time.time()
     code = main(["refine", *arguments])
     wall = time.time() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"code": code, "wall_s": wall, "peak_mb": peak_mb}), flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps({"code": code, "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024,
+                                  "cpu_s": usage.ru_utime + usage.ru_stime}), flush=True)
 
 
 def measure(data: Path, steps: str, box: int, mode: str, out: Path) -> dict:
@@ -64,6 +68,7 @@ def measure(data: Path, steps: str, box: int, mode: str, out: Path) -> dict:
     arguments = ["--i", "optimisation_set.star", "--o", str(out), "--b", str(box), *FLAGS[steps]]
     launcher = [str(BIN / "mpirun"), "-np", "2"] if mode == "mpi" else []
     arguments += ["--j", "1" if mode == "mpi" else "2"]
+    load = os.getloadavg()[0]
     started = time.time()
     result = subprocess.run([*launcher, sys.executable, __file__, "--child", *arguments], cwd=data,
                             capture_output=True, text=True)
@@ -71,33 +76,40 @@ def measure(data: Path, steps: str, box: int, mode: str, out: Path) -> dict:
     rows = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode or not rows:
         raise RuntimeError(f"{steps} box {box} {mode} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return {"wall_s": wall, "peak_mb": max(r["peak_mb"] for r in rows)}
+    return {"wall_s": wall, "peak_mb": max(r["peak_mb"] for r in rows), "cpu_s": sum(r["cpu_s"] for r in rows), "load": load}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", help="only these rows, e.g. defocus:256:threads,defocus:256:mpi")
+    parser.add_argument("--out", type=Path, default=CACHE / "speed_out", help="scratch output folder (removed)")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false", help="numba's cache is already warm")
     parser.add_argument("--child", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.child is not None:
         child(args.child)
         return
     data = dataset()
-    out = CACHE / "speed_out"
-    warm = measure(data, "everything", 64, "threads", out)
-    print(f"warm-up run (numba compilation, cached afterwards): {warm['wall_s']:.1f} s")
+    out = args.out
+    if args.warm_up:
+        warm = measure(data, "everything", 64, "threads", out)
+        print(f"warm-up run (numba compilation, cached afterwards): {warm['wall_s']:.1f} s")
     configurations = [("defocus", 128, "threads"), ("everything", 128, "threads")]
     if not args.quick:
         configurations += [("defocus", 256, "threads"), ("defocus", 256, "mpi"), ("everything", 256, "threads"),
                            ("defocus", 384, "threads"), ("everything", 384, "threads")]
-    print(f"\n{'refinement':<11} {'box':>4} {'parallel':<10} | {'wall (s)':>8} {'peak MB':>8} | {'RELION s':>8} {'RELION MB':>9} | {'speed-up':>8}")
+    if args.rows:
+        configurations = [(steps, int(box), mode) for steps, box, mode in (row.split(":") for row in args.rows.split(","))]
+    print(f"\n{'refinement':<11} {'box':>4} {'parallel':<10} | {'wall (s)':>8} {'peak MB':>8} {'CPU (s)':>8} {'load':>5} | "
+          f"{'RELION s':>8} {'RELION MB':>9} | {'speed-up':>8}")
     for steps, box, mode in configurations:
         result = measure(data, steps, box, mode, out)
         relion_s, relion_mb = RELION.get((steps, box, mode), (None, None))
         speedup = f"{relion_s / result['wall_s']:.1f}x" if relion_s else ""
         parallel = "2 MPI" if mode == "mpi" else "2 threads"
-        print(f"{steps:<11} {box:>4} {parallel:<10} | {result['wall_s']:8.1f} {result['peak_mb']:8.0f} | "
-              f"{relion_s or '':>8} {relion_mb or '':>9} | {speedup:>8}", flush=True)
+        print(f"{steps:<11} {box:>4} {parallel:<10} | {result['wall_s']:8.1f} {result['peak_mb']:8.0f} {result['cpu_s']:8.1f} "
+              f"{result['load']:5.2f} | {relion_s or '':>8} {relion_mb or '':>9} | {speedup:>8}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
 
