@@ -136,6 +136,11 @@ class ProtTomoCtfRefine(EMProtocol):
                       label="Refine scale per tomogram?",
                       help="A Beer-Lambert ice model (luminance, thickness, ice normal) per tomogram. "
                            "Exclusive with per frame.")
+        form.addParam("modelNeighbours", params.BooleanParam, default=True, condition="refineContrast",
+                      expertLevel=params.LEVEL_ADVANCED, label="Model neighbouring particles?",
+                      help="Render every particle at the refined CTF and remove the neighbours' signal from each "
+                           "box before the scale is fitted (and the defocus polished). About twice as precise a "
+                           "scale in crowded tomograms; No is RELION's way (faster).")
 
         form.addSection(label="Aberrations")
         form.addParam("refineOddAbe", params.BooleanParam, default=False, label="Refine odd aberrations?",
@@ -203,6 +208,7 @@ class ProtTomoCtfRefine(EMProtocol):
             do_odd_aberrations=bool(self.refineOddAbe.get()),
             odd_order=ODD_ORDERS[self.maxAbeOddOrder.get()],
             threads=max(1, int(self.numberOfThreads.get() or 1)),
+            model_neighbours=bool(self.modelNeighbours.get()),
         )
 
     # paths (relative to the project directory, the working directory of every step)
