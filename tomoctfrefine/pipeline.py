@@ -782,6 +782,7 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
                      odd_phase_per_pixel=fit.odd_phase_per_pixel, odd_phase_fit=fit.odd_phase_fit)
         _log(run, f"aberrations: optics group {group}: even {np.round(fit.even_coefficients, 2).tolist()}, "
                   f"odd {np.round(fit.odd_coefficients, 2).tolist()}, {time.time() - started:.1f} s")
+        del statistics, fit  # not alive during the next group or the scale refit
     world.barrier()
     if options.do_scale:
         # the joint fit updated every tilt's scale estimate: refit the scale model on it
