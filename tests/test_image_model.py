@@ -103,3 +103,29 @@ def test_modelled_neighbours_leave_the_scale_at_the_truth(crowded):
     error_modelled = np.std(modelled / d["scale"])
     assert error_modelled < 0.003, (modelled / d["scale"])
     assert error_modelled < error_plain / 2, (error_plain, error_modelled)
+
+
+def test_statistics_taken_to_another_defocus_equal_the_statistics_accumulated_there(single):
+    """A defocus change is a phase common to a tilt's particles: rotating the sums is exact (periodic
+    prediction), so the neighbour model can use the input statistics beyond its resolution."""
+    import dataclasses
+
+    from tomoctfrefine.physics.geometry import fourier_grid_per_angstrom
+    from tomoctfrefine.refine.defocus import absolute_parameters, phase_basis_per_angstrom
+
+    d = single
+    tomo = d["tomo"]
+    moved = dataclasses.replace(tomo, defocus_u_angstrom=tomo.defocus_u_angstrom + 700.0,
+                                defocus_v_angstrom=tomo.defocus_v_angstrom + 400.0)
+    weights = np.ones((BOX, BOX // 2 + 1))
+    at_input = compute_statistics(tomo, d["clean"], *d["particles"], d["refs"], weights, d["even"], windowed=False)
+    there = compute_statistics(moved, d["clean"], *d["particles"], d["refs"], weights, d["even"], windowed=False)
+    n = tomo.tilt_count
+    ctf = lambda t: (t.defocus_u_angstrom, t.defocus_v_angstrom, t.defocus_angle_deg)  # noqa: E731
+    change = absolute_parameters(*ctf(moved), n) - absolute_parameters(*ctf(tomo), n)
+    fx, fy = fourier_grid_per_angstrom(BOX, tomo.pixel_size_angstrom)
+    delta = np.einsum("fc,cyx->fyx", change, phase_basis_per_angstrom(tomo.optics.wavelength_angstrom, fx, fy))
+    rotated = at_input.with_phase_change(delta)
+    for name in ("a_ss", "a_sc", "a_cc", "b_s", "b_c"):
+        a, b = getattr(rotated, name), getattr(there, name)
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), name

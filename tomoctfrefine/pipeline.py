@@ -498,22 +498,34 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
 # Step 3: scale
 
 
-def _scale_evidence(run: Run, data: _Inputs, name: str):
-    """Per-tilt scale estimate and its information at the latest CTF (refined defocus and aberrations,
-    else the input), from the statistics, over the scale band (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
+def _latest_phase_change(run: Run, data: _Inputs, name: str, statistics: TiltStatistics):
+    """Phase ``delta`` ``(n_tilts, s, s//2+1)`` of the latest CTF relative to the statistics' (input)
+    CTF, and the latest odd-aberration phase (or None)."""
     from .physics.geometry import fourier_grid_per_angstrom
     from .physics.zernike import even_phase_rad, odd_phase_rad
-    from .refine.scale import scale_at_ctf
+    from .refine.defocus import absolute_parameters, phase_basis_per_angstrom
 
-    statistics = data.statistics(name)
     before = data.tomogram(name)
     after, (even, _), (new_even, new_odd) = _latest_ctf(run, data, name)
     fx, fy = fourier_grid_per_angstrom(statistics.box_size_px, statistics.pixel_size_angstrom)
-    even_change = even_phase_rad(new_even, fx, fy) - even_phase_rad(even, fx, fy) if (any(even) or any(new_even)) else None
-    odd_phase = odd_phase_rad(new_odd, fx, fy) if any(new_odd) else None
+    n = statistics.n_tilts
     ctf = lambda t: (t.defocus_u_angstrom, t.defocus_v_angstrom, t.defocus_angle_deg)  # noqa: E731
-    return scale_at_ctf(statistics, before.optics.wavelength_angstrom, ctf(before), ctf(after),
-                        even_phase_change_rad=even_change, odd_phase_rad=odd_phase)
+    change = absolute_parameters(*ctf(after), n) - absolute_parameters(*ctf(before), n)
+    delta = np.einsum("fc,cyx->fyx", change, phase_basis_per_angstrom(before.optics.wavelength_angstrom, fx, fy))
+    if any(even) or any(new_even):
+        delta = delta + (even_phase_rad(new_even, fx, fy) - even_phase_rad(even, fx, fy))[None]
+    return delta, (odd_phase_rad(new_odd, fx, fy) if any(new_odd) else None)
+
+
+def _scale_evidence(run: Run, data: _Inputs, name: str):
+    """Per-tilt scale estimate and its information at the latest CTF (refined defocus and aberrations,
+    else the input), from the statistics, over the scale band (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
+    from .refine.scale import scale_band, scale_evidence
+
+    statistics = data.statistics(name)
+    delta, odd_phase = _latest_phase_change(run, data, name, statistics)
+    return scale_evidence(statistics, defocus_change_phase_rad=delta, odd_phase_rad=odd_phase,
+                          band=scale_band(statistics.box_size_px, statistics.pixel_size_angstrom))
 
 
 def _latest_ctf(run: Run, data: _Inputs, name: str):
@@ -573,7 +585,7 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
 
     from . import forward, kernels
     from . import reference as reference_mod
-    from .image_model import render_tilt_model, with_own_particles
+    from .image_model import NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM, merged_statistics, render_tilt_model, with_own_particles
     from .io import particles as particles_io
     from .io import tomograms as tomograms_io
     from .io.maps import release_pages
@@ -605,7 +617,11 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
     image_positions = forward.image_positions_px(tomo, positions, shifts)
     matrices = forward.particle_matrices(tomo, rotations)
     depth_phase = np.pi * tomo.optics.wavelength_angstrom * forward.depth_defocus_angstrom(tomo, positions)
-    max_radius2 = float(references.max_radius_px) ** 2 if np.isfinite(references.max_radius_px) else float(s * s)
+    # the model only where the particles' signal competes with the noise; beyond, the input statistics
+    model_radius = min(float(references.max_radius_px), s * tomo.pixel_size_angstrom / NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM)
+    if model_radius < references.max_radius_px:
+        references = references.cropped(model_radius)
+    max_radius2 = model_radius**2
     residual_path = run.temp / "scale" / f".{name}.residual.npy"
     residual_path.parent.mkdir(parents=True, exist_ok=True)
     residual = np.lib.format.open_memmap(residual_path, mode="w+", dtype=np.float32, shape=images.shape)
@@ -623,14 +639,20 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
                 image -= render_tilt_model(tomo, f, image_positions[near, f], slices, depth_phase[near, f], float(scale[f]),
                                            even, odd_phase, (height, width), workers=workers)
             residual[f] = image
+            release_pages(residual)
         residual.flush()
-        weights = reference_mod.noise_weights(residual, s, per_frame=options.per_frame_noise) * cutoff[None]
+        inside = reference_mod.radius_px(s) <= model_radius
+        weights = reference_mod.noise_weights(residual, s, per_frame=options.per_frame_noise) * (cutoff * inside)[None]
         statistics = compute_statistics(tomo, residual, positions, rotations, halves, references, weights, even,
                                         trajectory_shifts_angstrom=shifts, tilts=selected.tolist())
     finally:
         del residual
         residual_path.unlink(missing_ok=True)
     statistics = with_own_particles(statistics, scale, odd_phase)
+    accumulated = data.statistics(name)
+    delta, _ = _latest_phase_change(run, data, name, accumulated)
+    statistics = merged_statistics(statistics, accumulated.with_phase_change(delta), model_radius)
+    del accumulated
     if not options.do_defocus:
         estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=scale_band(s, tomo.pixel_size_angstrom))
         return estimate, information, None

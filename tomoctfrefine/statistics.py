@@ -72,6 +72,22 @@ class TiltStatistics:
     def n_tilts(self) -> int:
         return self.a_ss.shape[0]
 
+    def with_phase_change(self, delta_rad: np.ndarray) -> "TiltStatistics":
+        """The statistics at the CTF phase ``gamma + delta`` (``delta`` ``(n_tilts, s, s//2+1)``, common
+        to a tilt's particles, e.g. a defocus change): exact for the periodic prediction, since
+        ``sin(gamma + delta) = sin(gamma) cos(delta) + cos(gamma) sin(delta)`` turns every sum into a
+        rotation of the accumulated ones (first order where the prediction is windowed)."""
+        c, s = np.cos(delta_rad), np.sin(delta_rad)
+        a_ss, a_sc, a_cc = (np.asarray(x, dtype=np.float64) for x in (self.a_ss, self.a_sc, self.a_cc))
+        return TiltStatistics(
+            a_ss=c * c * a_ss + 2 * c * s * a_sc + s * s * a_cc,
+            a_sc=(c * c - s * s) * a_sc + c * s * (a_cc - a_ss),
+            a_cc=s * s * a_ss - 2 * c * s * a_sc + c * c * a_cc,
+            b_s=c * self.b_s + s * self.b_c,
+            b_c=c * self.b_c - s * self.b_s,
+            oo=self.oo, particle_count=self.particle_count, box_size_px=self.box_size_px,
+            pixel_size_angstrom=self.pixel_size_angstrom)
+
     def save(self, path) -> None:
         """Save as ``.npz`` (atomically: temporary name, then rename)."""
         import os
