@@ -39,6 +39,10 @@ FLAGS = {
     "everything": ["--do_defocus", "--do_reg_defocus", "--lambda", "0.1", "--do_scale", "--per_frame_scale",
                    "--do_even_aberrations", "--ne", "4", "--do_odd_aberrations", "--no", "3"],
 }
+# the same without the neighbour model of the scale step (RELION's way: the neighbours count as noise)
+FLAGS["everything-nn"] = FLAGS["everything"] + ["--no_neighbour_model"]
+RELION[("everything-nn", 256, "threads")] = RELION[("everything", 256, "threads")]
+RELION[("everything-nn", 384, "threads")] = RELION[("everything", 384, "threads")]
 
 
 def dataset(preset: str = "accuracy") -> Path:
@@ -98,7 +102,8 @@ def main() -> None:
     configurations = [("defocus", 128, "threads"), ("everything", 128, "threads")]
     if not args.quick:
         configurations += [("defocus", 256, "threads"), ("defocus", 256, "mpi"), ("everything", 256, "threads"),
-                           ("defocus", 384, "threads"), ("everything", 384, "threads")]
+                           ("everything-nn", 256, "threads"), ("defocus", 384, "threads"), ("everything", 384, "threads"),
+                           ("everything-nn", 384, "threads")]
     if args.rows:
         configurations = [(steps, int(box), mode) for steps, box, mode in (row.split(":") for row in args.rows.split(","))]
     print(f"\n{'refinement':<11} {'box':>4} {'parallel':<10} | {'wall (s)':>8} {'peak MB':>8} {'CPU (s)':>8} {'load':>5} | "
