@@ -242,10 +242,9 @@ def bounds_at_truth(data: Path, box: int, work: Path, log=print, in_process: boo
     from tomoctfrefine.statistics import TiltStatistics as Statistics
 
     folder = Path(work)
-    cache = folder / "bounds.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        return {n: {k: np.array(v) for k, v in b.items()} for n, b in saved.items()}
+    cached = _cached_bounds(folder)
+    if cached is not None:
+        return cached
     log(f"  statistics at the true CTF ({data.name}, box {box}) for the Cramér-Rao bounds ...")
     options = tutorial_options(box, check_hand=False)
     run_child(data / "truth" / "optimisation_set_true.star", folder, options, mode="prepare", cwd=data, in_process=in_process)
@@ -256,7 +255,7 @@ def bounds_at_truth(data: Path, box: int, work: Path, log=print, in_process: boo
         result = cramer_rao_bounds(stats, truth["json"]["wavelength_A"], table["scale"])
         bounds[name] = {"defocus": result.defocus_angstrom, "scale": result.scale,
                         "defocus_joint": result.defocus_joint_angstrom, "scale_joint": result.scale_joint}
-    cache.write_text(json.dumps({n: {k: v.tolist() for k, v in b.items()} for n, b in bounds.items()}))
+    _save_bounds(folder, bounds)
     for stale in (folder / "temp" / "statistics").glob("*.npz"):
         stale.unlink()  # large; the bounds are cached
     return bounds
@@ -283,10 +282,9 @@ def white_noise_bounds(data: Path, box: int, work: Path, log=print) -> dict:
     from tomoctfrefine.statistics import compute_statistics
 
     work = Path(work)
-    cache = work / "bounds.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        return {n: {k: np.array(v) for k, v in b.items()} for n, b in saved.items()}
+    cached = _cached_bounds(work)
+    if cached is not None:
+        return cached
     log(f"  white-noise Cramér-Rao bounds at the truth ({data.name}, box {box}) ...")
     truth = truth_table(data)
     sigma2 = float(truth["json"]["noise_sigma"]) ** 2
@@ -309,9 +307,20 @@ def white_noise_bounds(data: Path, box: int, work: Path, log=print) -> dict:
             result = cramer_rao_bounds(stats, truth["json"]["wavelength_A"], table["scale"])
             bounds[name] = {"defocus": result.defocus_angstrom, "scale": result.scale,
                             "defocus_joint": result.defocus_joint_angstrom, "scale_joint": result.scale_joint}
-    work.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({n: {k: v.tolist() for k, v in b.items()} for n, b in bounds.items()}))
+    _save_bounds(work, bounds)
     return bounds
+
+
+def _cached_bounds(folder: Path) -> dict | None:
+    cache = folder / "bounds.json"
+    if not cache.exists():
+        return None
+    return {n: {k: np.array(v) for k, v in b.items()} for n, b in json.loads(cache.read_text()).items()}
+
+
+def _save_bounds(folder: Path, bounds: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bounds.json").write_text(json.dumps({n: {k: v.tolist() for k, v in b.items()} for n, b in bounds.items()}))
 
 
 def bounds_from_refinement(data: Path, out_dir: Path) -> dict:
@@ -395,7 +404,7 @@ def phase_error_rad(refined: list, true: list, pixel_size_angstrom: float, low_p
     """RMS over the Fourier pixels with ``low <= |k| <= high`` of the refined-minus-true Zernike phase (the
     even one without its ``rho^2`` part)."""
     from tomoctfrefine.physics.geometry import fourier_grid_per_angstrom
-    from tomoctfrefine.physics.zernike import even_index_to_mn, even_phase_rad, odd_phase_rad
+    from tomoctfrefine.physics.zernike import even_phase_rad, odd_phase_rad
 
     fx, fy = fourier_grid_per_angstrom(box, pixel_size_angstrom)
     k = np.hypot(fx, fy)
