@@ -561,6 +561,16 @@ def _ctf_stage(run: Run, name: str) -> str:
     return "input"
 
 
+def _neighbour_references(run: Run):
+    """The references cropped to the neighbour model's resolution (the full ones are let go at once:
+    at box 384 they are most of the scale step's memory), and the frequency weight."""
+    from .image_model import NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM
+
+    references, cutoff = _references_and_cutoff(run)
+    radius = run.options.box_size_px * references.pixel_size_angstrom / NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM
+    return (references.cropped(radius) if radius < references.max_radius_px else references), cutoff
+
+
 def _evidence_path(run: Run, name: str) -> Path:
     return run.temp / "scale" / f"{name}.evidence_{_ctf_stage(run, name)}.npz"
 
@@ -685,7 +695,7 @@ def _scale_evidence_step(run: Run, data: _Inputs, world: World) -> dict:
                 first, polished = (estimate, information), None
                 if run.options.model_neighbours:
                     if references is None:
-                        references, cutoff = _references_and_cutoff(run)
+                        references, cutoff = _neighbour_references(run)
                     estimate, information, polished = _neighbour_scale_evidence(run, data, name, references, cutoff, first)
                 extra = {} if polished is None else {k: v for k, v in _defocus_arrays(polished).items() if v is not None}
                 _save_arrays(paths[name], **extra, estimate=estimate, information=information, first_estimate=first[0],
