@@ -503,27 +503,26 @@ def _latest_phase_change(run: Run, data: _Inputs, name: str, statistics: TiltSta
     CTF, and the latest odd-aberration phase (or None)."""
     from .physics.geometry import fourier_grid_per_angstrom
     from .physics.zernike import even_phase_rad, odd_phase_rad
-    from .refine.defocus import absolute_parameters, phase_basis_per_angstrom
+    from .refine.defocus import absolute_parameters, defocus_phase_change_rad
 
     before = data.tomogram(name)
     after, (even, _), (new_even, new_odd) = _latest_ctf(run, data, name)
-    fx, fy = fourier_grid_per_angstrom(statistics.box_size_px, statistics.pixel_size_angstrom)
-    n = statistics.n_tilts
+    s, pixel, n = statistics.box_size_px, statistics.pixel_size_angstrom, statistics.n_tilts
     ctf = lambda t: (t.defocus_u_angstrom, t.defocus_v_angstrom, t.defocus_angle_deg)  # noqa: E731
     change = absolute_parameters(*ctf(after), n) - absolute_parameters(*ctf(before), n)
-    delta = np.einsum("fc,cyx->fyx", change, phase_basis_per_angstrom(before.optics.wavelength_angstrom, fx, fy))
+    delta = defocus_phase_change_rad(change, before.optics.wavelength_angstrom, s, pixel)
+    fx, fy = fourier_grid_per_angstrom(s, pixel)
     if any(even) or any(new_even):
         delta = delta + (even_phase_rad(new_even, fx, fy) - even_phase_rad(even, fx, fy))[None]
     return delta, (odd_phase_rad(new_odd, fx, fy) if any(new_odd) else None)
 
 
-def _scale_evidence(run: Run, data: _Inputs, name: str):
-    """Per-tilt scale estimate and its information at the latest CTF (refined defocus and aberrations,
-    else the input), from the statistics, over the scale band (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
+def _scale_evidence(statistics: TiltStatistics, delta, odd_phase):
+    """Per-tilt scale estimate and its information from the accumulated statistics taken to the latest
+    CTF (``delta``, ``odd_phase`` from :func:`_latest_phase_change`), over the scale band
+    (:func:`~tomoctfrefine.refine.scale.scale_band`)."""
     from .refine.scale import scale_band, scale_evidence
 
-    statistics = data.statistics(name)
-    delta, odd_phase = _latest_phase_change(run, data, name, statistics)
     return scale_evidence(statistics, defocus_change_phase_rad=delta, odd_phase_rad=odd_phase,
                           band=scale_band(statistics.box_size_px, statistics.pixel_size_angstrom))
 
@@ -563,19 +562,22 @@ def _ctf_stage(run: Run, name: str) -> str:
 
 def _neighbour_references(run: Run):
     """The references cropped to the neighbour model's resolution (the full ones are let go at once:
-    at box 384 they are most of the scale step's memory), and the frequency weight."""
+    at box 384 they are most of the scale step's memory), the frequency weight, and that resolution as a
+    radius in pixels (the model only where the particles' signal competes with the noise)."""
     from .image_model import NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM
 
     references, cutoff = _references_and_cutoff(run)
-    radius = run.options.box_size_px * references.pixel_size_angstrom / NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM
-    return (references.cropped(radius) if radius < references.max_radius_px else references), cutoff
+    radius = min(float(references.max_radius_px),
+                 run.options.box_size_px * references.pixel_size_angstrom / NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM)
+    return (references.cropped(radius) if radius < references.max_radius_px else references), cutoff, radius
 
 
 def _evidence_path(run: Run, name: str) -> Path:
     return run.temp / "scale" / f"{name}.evidence_{_ctf_stage(run, name)}.npz"
 
 
-def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cutoff, first_estimate):
+def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_references, accumulated: TiltStatistics,
+                              delta, odd_phase, first_estimate):
     """Per-tilt scale estimate and information with the neighbouring particles modelled, and (when the
     defocus is refined) the defocus polished on the same statistics.
 
@@ -587,6 +589,10 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
     then refitted locally from the latest CTF (no scan, over the scale's band: from 3 px, not from
     ``--kmin``), and the scale taken at that defocus.
 
+    ``neighbour_references`` is :func:`_neighbour_references`' result; ``accumulated``, ``delta`` and
+    ``odd_phase`` are the tomogram's statistics and the latest CTF's phases relative to them (used beyond
+    the model's resolution).
+
     Returns
     -------
     (estimate, information, polished) : the scale evidence and a DefocusFit (or None).
@@ -595,19 +601,18 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
 
     from . import forward, kernels
     from . import reference as reference_mod
-    from .image_model import NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM, merged_statistics, render_tilt_model, with_own_particles
+    from .image_model import merged_statistics, render_tilt_model, with_own_particles
     from .io import particles as particles_io
     from .io import tomograms as tomograms_io
     from .io.maps import release_pages
     from .io.trajectories import read_trajectories
-    from .physics.geometry import fourier_grid_per_angstrom
-    from .physics.zernike import odd_phase_rad
     from .refine import defocus as defocus_mod
-    from .refine.scale import scale_at_ctf, scale_band, scale_evidence
+    from .refine.scale import scale_band, scale_evidence
     from .statistics import compute_statistics
 
     options = run.options
-    tomo, _, (even, odd) = _latest_ctf(run, data, name)
+    references, cutoff, model_radius = neighbour_references
+    tomo, _, (even, _) = _latest_ctf(run, data, name)
     rows = data.rows(name)
     positions = particles_io.particle_positions_px(data.particle_set, rows, tomo)
     rotations = particles_io.particle_rotations(data.particle_set, rows)
@@ -617,8 +622,6 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
         trajectories = read_trajectories(run.inputs["trajectories_path"])
         shifts = np.stack([trajectories[n] for n in particles_io.particle_names(data.particle_set, rows)])
     s = options.box_size_px
-    fx, fy = fourier_grid_per_angstrom(s, tomo.pixel_size_angstrom)
-    odd_phase = odd_phase_rad(odd, fx, fy) if any(odd) else None
     scale = np.where(first_estimate[1] > 0, first_estimate[0], tomo.ctf_scale)
     selected = np.nonzero(data.frame_range(tomo.tilt_count))[0]
 
@@ -627,10 +630,6 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
     image_positions = forward.image_positions_px(tomo, positions, shifts)
     matrices = forward.particle_matrices(tomo, rotations)
     depth_phase = np.pi * tomo.optics.wavelength_angstrom * forward.depth_defocus_angstrom(tomo, positions)
-    # the model only where the particles' signal competes with the noise; beyond, the input statistics
-    model_radius = min(float(references.max_radius_px), s * tomo.pixel_size_angstrom / NEIGHBOUR_MODEL_RESOLUTION_ANGSTROM)
-    if model_radius < references.max_radius_px:
-        references = references.cropped(model_radius)
     max_radius2 = model_radius**2
     residual_path = run.temp / "scale" / f".{name}.residual.npy"
     residual_path.parent.mkdir(parents=True, exist_ok=True)
@@ -659,10 +658,7 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
         del residual
         residual_path.unlink(missing_ok=True)
     statistics = with_own_particles(statistics, scale, odd_phase)
-    accumulated = data.statistics(name)
-    delta, _ = _latest_phase_change(run, data, name, accumulated)
     statistics = merged_statistics(statistics, accumulated.with_phase_change(delta), model_radius)
-    del accumulated
     if not options.do_defocus:
         estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=scale_band(s, tomo.pixel_size_angstrom))
         return estimate, information, None
@@ -674,8 +670,10 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, references, cu
         statistics, tomo.optics.wavelength_angstrom, *ctf, scan_steps=1, band=scale_band(s, tomo.pixel_size_angstrom),
         regularisation_lambda=options.regularisation_lambda if options.regularise_defocus else 0.0,
         odd_phase_rad=odd_phase, input_scale=scale, tilt_mask=data.frame_range(tomo.tilt_count))
-    after = (polished.defocus_u_angstrom, polished.defocus_v_angstrom, polished.defocus_angle_deg)
-    estimate, information = scale_at_ctf(statistics, tomo.optics.wavelength_angstrom, ctf, after, odd_phase_rad=odd_phase)
+    estimate, information = scale_evidence(
+        statistics, odd_phase_rad=odd_phase, band=scale_band(s, tomo.pixel_size_angstrom),
+        defocus_change_phase_rad=defocus_mod.defocus_phase_change_rad(
+            polished.defocus_change_angstrom, tomo.optics.wavelength_angstrom, s, tomo.pixel_size_angstrom))
     return estimate, information, polished
 
 
@@ -687,16 +685,20 @@ def _scale_evidence_step(run: Run, data: _Inputs, world: World) -> dict:
     mine = world.share(names, [len(data.rows(n)) for n in names])
     todo = [n for n in mine if not _finished(paths[n])]
     if todo:
-        references = cutoff = None
+        neighbour_references = None
         with Progress("scale", sum(len(data.rows(n)) for n in todo), len(todo), enabled=_show_progress(world)) as bar:
             for name in todo:
                 started = time.time()
-                estimate, information = _scale_evidence(run, data, name)
+                statistics = data.statistics(name)
+                delta, odd_phase = _latest_phase_change(run, data, name, statistics)
+                estimate, information = _scale_evidence(statistics, delta, odd_phase)
                 first, polished = (estimate, information), None
                 if run.options.model_neighbours:
-                    if references is None:
-                        references, cutoff = _neighbour_references(run)
-                    estimate, information, polished = _neighbour_scale_evidence(run, data, name, references, cutoff, first)
+                    if neighbour_references is None:
+                        neighbour_references = _neighbour_references(run)
+                    estimate, information, polished = _neighbour_scale_evidence(
+                        run, data, name, neighbour_references, statistics, delta, odd_phase, first)
+                del statistics, delta
                 extra = {} if polished is None else {k: v for k, v in _defocus_arrays(polished).items() if v is not None}
                 _save_arrays(paths[name], **extra, estimate=estimate, information=information, first_estimate=first[0],
                              first_information=first[1])

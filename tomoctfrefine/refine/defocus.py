@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..physics.ctf import defocus_from_quadratic_form, quadratic_form_from_defocus
+from ..physics.geometry import fourier_grid_per_angstrom
 from ..statistics import TiltStatistics
 from .likelihood import BandStatistics, FrequencyBand, TomogramTerm, evaluate, fit_with_continuation, weighted_gram
 
@@ -95,6 +96,14 @@ def phase_basis_per_angstrom(wavelength_angstrom: float, freq_x, freq_y) -> np.n
     """``d delta / d (dz, a_c, a_s)`` in rad/Å, shape ``(3, *freq.shape)``."""
     k1 = np.pi * wavelength_angstrom
     return -k1 * np.stack([freq_x**2 + freq_y**2, freq_x**2 - freq_y**2, 2 * freq_x * freq_y])
+
+
+def defocus_phase_change_rad(change_angstrom, wavelength_angstrom: float, box_size_px: int, pixel_size_angstrom: float) -> np.ndarray:
+    """CTF phase change ``delta`` of each tilt on the full ``rfft2`` grid, ``(n_tilts, s, s//2+1)``, for
+    changes ``(dz, a_c, a_s)`` ``(n_tilts, 3)`` (Å), e.g. ``DefocusFit.defocus_change_angstrom`` or a
+    difference of :func:`absolute_parameters`."""
+    fx, fy = fourier_grid_per_angstrom(box_size_px, pixel_size_angstrom)
+    return np.einsum("fc,cyx->fyx", np.asarray(change_angstrom, dtype=float), phase_basis_per_angstrom(wavelength_angstrom, fx, fy))
 
 
 def absolute_parameters(defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, n_tilts: int) -> np.ndarray:

@@ -155,49 +155,6 @@ def scale_band(box_size_px: int, pixel_size_angstrom: float):
     return FrequencyBand(kmin_angstrom=box_size_px * pixel_size_angstrom / SCALE_LOWEST_RADIUS_PX, kmax_angstrom=None)
 
 
-def scale_at_ctf(
-    statistics,
-    wavelength_angstrom: float,
-    ctf_before: tuple,
-    ctf_after: tuple,
-    *,
-    even_phase_change_rad=None,
-    odd_phase_rad=None,
-    band=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tilt scale estimates and information at a refined CTF, over :func:`scale_band`.
-
-    Parameters
-    ----------
-    statistics : TiltStatistics
-        Accumulated at ``ctf_before``.
-    wavelength_angstrom : float
-    ctf_before, ctf_after : tuple of (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg)
-        Each an array ``(n_tilts,)``: the CTF of the statistics and the refined one.
-    even_phase_change_rad : ndarray (s, s//2+1) or None
-        Refined minus accumulated even-aberration phase.
-    odd_phase_rad : ndarray (s, s//2+1) or None
-        The (refined) odd-aberration phase.
-    band : FrequencyBand or None
-        Default :func:`scale_band`.
-
-    Returns
-    -------
-    (estimate, information) : ndarrays (n_tilts,), as :func:`scale_evidence`.
-    """
-    from ..physics.geometry import fourier_grid_per_angstrom
-    from .defocus import absolute_parameters, phase_basis_per_angstrom
-
-    n = statistics.n_tilts
-    fx, fy = fourier_grid_per_angstrom(statistics.box_size_px, statistics.pixel_size_angstrom)
-    change = absolute_parameters(*ctf_after, n) - absolute_parameters(*ctf_before, n)
-    delta = np.einsum("fc,cyx->fyx", change, phase_basis_per_angstrom(wavelength_angstrom, fx, fy))
-    if even_phase_change_rad is not None:
-        delta = delta + np.asarray(even_phase_change_rad)[None]
-    return scale_evidence(statistics, defocus_change_phase_rad=delta, odd_phase_rad=odd_phase_rad,
-                          band=band or scale_band(statistics.box_size_px, statistics.pixel_size_angstrom))
-
-
 def _fallback(scale_estimate, scale_information, input_scale):
     n = len(scale_estimate)
     fallback = np.ones(n) if input_scale is None else np.asarray(input_scale, dtype=float).copy()
