@@ -494,20 +494,15 @@ def map_measures(opt_path: Path, data: Path, box: int, crop: int | None, work: P
     """Reconstruct the particle with the CTF of ``opt_path`` and compare with ``data/ref/map_true.mrc``
     inside ``data/ref/mask.mrc``: masked correlation, FSC 0.5 and 0.143 against the true map
     (cached in ``work/map.json``)."""
-    from tomoctfrefine.assess import fit_to_box, truth_measures
-    from tomoctfrefine.io.maps import read_map
     from tomoctfrefine.io.optimisation_set import read_optimisation_set
     from tomoctfrefine.reconstruct import reconstruct
 
     work = Path(work)
     record = work / "map.json"
     key = f"{Path(opt_path).resolve()} {box} {crop} {regularisation} {Path(opt_path).stat().st_mtime}"
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("key") == key:
-            return saved["measures"]
-    if cached_only:
-        return None
+    saved = keyed_measures(record, key)
+    if saved is not None or cached_only:
+        return saved
     started = time.time()
     previous = Path.cwd()
     try:
@@ -516,16 +511,37 @@ def map_measures(opt_path: Path, data: Path, box: int, crop: int | None, work: P
         reconstruction = reconstruct(opt, box, crop, regularisation=regularisation)
     finally:
         os.chdir(previous)
+    measures = against_true_map(reconstruction.merged, reconstruction.pixel_size_angstrom, data)
+    measures["seconds"] = time.time() - started
+    save_keyed_measures(record, key, measures)
+    return measures
+
+
+def against_true_map(volume: np.ndarray, pixel_size_angstrom: float, data: Path) -> dict:
+    """Masked correlation, FSC 0.5 and 0.143 of ``volume`` against ``data/ref/map_true.mrc`` inside
+    ``data/ref/mask.mrc`` (both fitted to the volume's box)."""
+    from tomoctfrefine.assess import fit_to_box, truth_measures
+    from tomoctfrefine.io.maps import read_map
+
     true_map = read_map(data / "ref" / "map_true.mrc")[0].astype(np.float64)
     mask = read_map(data / "ref" / "mask.mrc")[0].astype(np.float64)
-    size = reconstruction.merged.shape[0]
-    measures = truth_measures(reconstruction.merged.astype(np.float64), fit_to_box(true_map, size), fit_to_box(mask, size),
-                              reconstruction.pixel_size_angstrom)
-    measures = {k: v for k, v in measures.items() if k != "fsc_curve"}
-    measures["seconds"] = time.time() - started
-    work.mkdir(parents=True, exist_ok=True)
+    size = volume.shape[0]
+    measures = truth_measures(np.asarray(volume, dtype=np.float64), fit_to_box(true_map, size), fit_to_box(mask, size),
+                              pixel_size_angstrom)
+    return {k: v for k, v in measures.items() if k != "fsc_curve"}
+
+
+def keyed_measures(record: Path, key: str) -> dict | None:
+    """The measures cached in ``record`` when they were made from ``key`` (the inputs), else None."""
+    if not record.exists():
+        return None
+    saved = json.loads(record.read_text())
+    return saved["measures"] if saved.get("key") == key else None
+
+
+def save_keyed_measures(record: Path, key: str, measures: dict) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"key": key, "measures": measures}))
-    return measures
 
 
 def fmt(value, digits: int = 1, width: int = 0) -> str:

@@ -102,17 +102,13 @@ def _inputs_key(data: Path, opt_path: Path) -> str:
 def relion_reconstruct(data: Path, opt_path: Path, out: Path, relion_bin: Path, log, cached_only: bool = False) -> dict | None:
     """``relion_tomo_reconstruct_particle --b 256 --crop 128`` of ``opt_path`` into ``out`` and its merged
     map against the true map (cached in ``out/relion_map.json``, keyed on the input files)."""
-    from tomoctfrefine.assess import fit_to_box, truth_measures
     from tomoctfrefine.io.maps import read_map
 
     record = out / "relion_map.json"
     key = _inputs_key(data, opt_path)
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("key") == key:
-            return saved["measures"]
-    if cached_only:
-        return None
+    saved = common.keyed_measures(record, key)
+    if saved is not None or cached_only:
+        return saved
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     command = [str(relion_bin / "relion_tomo_reconstruct_particle"), "--i", str(Path(opt_path).resolve()), "--o", str(out) + "/",
@@ -123,14 +119,9 @@ def relion_reconstruct(data: Path, opt_path: Path, out: Path, relion_bin: Path, 
     (out / "relion.out").write_text(result.stdout[-20000:] + result.stderr[-20000:])
     if result.returncode:
         raise RuntimeError(f"RELION failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    volume, pixel = read_map(out / "merged.mrc")
-    true_map = read_map(data / "ref" / "map_true.mrc")[0]
-    mask = read_map(data / "ref" / "mask.mrc")[0]
-    size = volume.shape[0]
-    m = truth_measures(volume.astype(float), fit_to_box(true_map.astype(float), size), fit_to_box(mask.astype(float), size), pixel)
-    measures = {k: v for k, v in m.items() if k != "fsc_curve"}
+    measures = common.against_true_map(*read_map(out / "merged.mrc"), data)
     measures["seconds"] = time.time() - started
-    record.write_text(json.dumps({"key": key, "measures": measures}))
+    common.save_keyed_measures(record, key, measures)
     return measures
 
 
