@@ -7,7 +7,133 @@ shape ``(n, n, n//2+1)`` (``n`` may be smaller than ``s`` for cropped references
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to bring ``array[index]`` into the cache (LLVM's prefetch: read, keep, data); no
+    bounds check, no effect on the values."""
+
+    def codegen(context, builder, signature, arguments):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, arguments[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [arguments[1]], wraparound=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = builder.module.declare_intrinsic("llvm.prefetch", [byte_pointer],
+                                                    ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]))
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+@njit(cache=True, inline="always")
+def _row_extent(ky, max_radius2, sh):
+    """Largest ``x < sh`` with ``x*x + ky*ky <= max_radius2`` (-1 if none), exact in the arithmetic of
+    that test."""
+    rest = max_radius2 - ky * ky
+    if rest < 0.0:
+        return -1
+    last = sh - 1 if rest >= (sh - 1) * (sh - 1) else int(np.sqrt(rest))
+    while last + 1 < sh and (last + 1) * (last + 1) + ky * ky <= max_radius2:
+        last += 1
+    while last >= 0 and last * last + ky * ky > max_radius2:
+        last -= 1
+    return last
+
+
+@njit(cache=True, inline="always")
+def _corner_rows(ux, uy, uz, n, nh):
+    """Integer corner indices ``x0, y0, y1, z0, z1`` (wrapped, ``x0`` clamped) and fractions of the
+    trilinear sample at ``u`` (``ux >= 0``)."""
+    x0 = int(ux)  # ux >= 0: int() is floor
+    y0 = int(uy)
+    if uy < y0:
+        y0 -= 1
+    z0 = int(uz)
+    if uz < z0:
+        z0 -= 1
+    fx = ux - x0
+    fy = uy - y0
+    fz = uz - z0
+    # |u| is within the grid's Nyquist radius, so one conditional add wraps (integer % is slow)
+    if y0 < 0:
+        y0 += n
+    if z0 < 0:
+        z0 += n
+    y1 = y0 + 1
+    if y1 >= n:
+        y1 -= n
+    z1 = z0 + 1
+    if z1 >= n:
+        z1 -= n
+    return x0, y0, y1, z0, z1, fx, fy, fz
+
+
+@njit(cache=True, inline="always")
+def _prefetch_sample(voxels, base, oz, oy, ox, n, nh, ux, uy, uz):
+    """Prefetch the cache lines of the four x-rows a trilinear sample at ``u`` will read."""
+    if ux <= 0.0:
+        ux = -ux
+        uy = -uy
+        uz = -uz
+    x0, y0, y1, z0, z1, _, _, _ = _corner_rows(ux, uy, uz, n, nh)
+    if x0 >= nh:
+        x0 = nh - 1
+    a = base + ox[x0]
+    _prefetch(voxels, a + oz[z0] + oy[y0])
+    _prefetch(voxels, a + oz[z0] + oy[y1])
+    _prefetch(voxels, a + oz[z1] + oy[y0])
+    _prefetch(voxels, a + oz[z1] + oy[y1])
+
+
+@njit(cache=True, inline="always")
+def _trilinear(voxels, base, oz, oy, ox, n, nh, ux, uy, uz):
+    """Trilinear sample (real, imaginary) of the bricked half-complex grid at ``u`` with ``ux >= 0``."""
+    x0, y0, y1, z0, z1, fx, fy, fz = _corner_rows(ux, uy, uz, n, nh)
+    x1 = x0 + 1
+    if x1 >= nh:
+        x1 = nh - 2
+    if x0 >= nh:
+        x0 = nh - 1
+    a0 = ox[x0]
+    a1 = ox[x1]
+    b00 = base + oz[z0] + oy[y0]
+    b10 = base + oz[z0] + oy[y1]
+    b01 = base + oz[z1] + oy[y0]
+    b11 = base + oz[z1] + oy[y1]
+    gx = 1.0 - fx
+    gy = 1.0 - fy
+    gz = 1.0 - fz
+    v0 = voxels[b00 + a0]
+    v1 = voxels[b00 + a1]
+    r00 = gx * v0.real + fx * v1.real
+    i00 = gx * v0.imag + fx * v1.imag
+    v0 = voxels[b10 + a0]
+    v1 = voxels[b10 + a1]
+    r10 = gx * v0.real + fx * v1.real
+    i10 = gx * v0.imag + fx * v1.imag
+    v0 = voxels[b01 + a0]
+    v1 = voxels[b01 + a1]
+    r01 = gx * v0.real + fx * v1.real
+    i01 = gx * v0.imag + fx * v1.imag
+    v0 = voxels[b11 + a0]
+    v1 = voxels[b11 + a1]
+    r11 = gx * v0.real + fx * v1.real
+    i11 = gx * v0.imag + fx * v1.imag
+    re = gz * (gy * r00 + fy * r10) + fz * (gy * r01 + fy * r11)
+    im = gz * (gy * i00 + fy * i10) + fz * (gy * i01 + fy * i11)
+    return re, im
+
+
+#: Rows of the slice between a prefetch and the reads it serves (one brick edge: the rows in between
+#: read mostly the bricks already in cache)
+_PREFETCH_ROWS = 4
 
 
 @njit(cache=True, parallel=True)
@@ -20,10 +146,13 @@ def central_slices(references, grid_size, half_index, matrices, max_radius2, out
     grid, any slice pixel for a full one). Parallel over pairs: each sweeps its plane through the
     reference.
 
-    The bricked references are read as one flat float32 array: the offset of voxel ``(z, y, x)`` is a
-    sum of three per-axis table entries, and the interpolation runs on the real and imaginary parts
-    separately (mixed complex64/float64 arithmetic cost twice the multiplications); the values are
-    bit-identical to the plain complex formula (1.5 -> 1.1 ms CPU per slice at s = 256).
+    The bricked references are read as one flat complex64 array: the offset of voxel ``(z, y, x)`` is a
+    sum of three per-axis table entries; the interpolation runs on the real and imaginary parts
+    separately in double precision (mixed complex64/float64 arithmetic cost twice the multiplications).
+    A slice is made row by row from ``ky = -s/2`` up, each row's x range inside the radius computed
+    once, and the cache lines of the row ``_PREFETCH_ROWS`` ahead are prefetched: the time went to
+    waiting for the reference's bricks (a plane through a 256³ grid touches ~1 MB of them), not to
+    arithmetic (1.2 -> 0.75 ms CPU per slice at s = 256; the values are unchanged, bit for bit).
 
     Parameters
     ----------
@@ -42,91 +171,50 @@ def central_slices(references, grid_size, half_index, matrices, max_radius2, out
     nb = references.shape[1]
     nxb = references.shape[3]
     per_half = nb * nb * nxb * 64
-    flat = references.reshape(references.shape[0] * per_half).view(np.float32)
-    # float32 offsets (real part; imaginary + 1) of brick voxel (z, y, x) = oz[z] + oy[y] + ox[x];
-    # unsigned, so that indexing needs no negative-index wrap
-    oz = np.empty(n, dtype=np.uint64)
-    oy = np.empty(n, dtype=np.uint64)
-    ox = np.empty(nh, dtype=np.uint64)
-    oxi = np.empty(nh, dtype=np.uint64)
+    voxels = references.reshape(references.shape[0] * per_half)
+    # offset of brick voxel (z, y, x) = oz[z] + oy[y] + ox[x]
+    oz = np.empty(n, dtype=np.int64)
+    oy = np.empty(n, dtype=np.int64)
+    ox = np.empty(nh, dtype=np.int64)
     for i in range(n):
-        oz[i] = 2 * ((i >> 2) * (nb * nxb * 64) + (i & 3) * 16)
-        oy[i] = 2 * ((i >> 2) * (nxb * 64) + (i & 3) * 4)
+        oz[i] = (i >> 2) * (nb * nxb * 64) + (i & 3) * 16
+        oy[i] = (i >> 2) * (nxb * 64) + (i & 3) * 4
     for i in range(nh):
-        ox[i] = 2 * ((i >> 2) * 64 + (i & 3))
-        oxi[i] = ox[i] + 1
+        ox[i] = (i >> 2) * 64 + (i & 3)
+    half = s // 2
+    extent = np.empty(s, dtype=np.int64)  # by ky + s/2
+    for j in range(s):
+        extent[j] = _row_extent(j - half, max_radius2, sh)
     for p in prange(m):
-        base = np.uint64(2 * half_index[p] * per_half)
+        base = half_index[p] * per_half
         m00 = matrices[p, 0, 0]
         m01 = matrices[p, 0, 1]
         m02 = matrices[p, 0, 2]
         m10 = matrices[p, 1, 0]
         m11 = matrices[p, 1, 1]
         m12 = matrices[p, 1, 2]
-        for y in range(s):
-            ky = y if y < s // 2 else y - s
-            row = out[p, y]
-            for x in range(sh):
-                if x * x + ky * ky > max_radius2:
-                    row[x] = 0j
-                    continue
+        for j in range(s):
+            ky = j - half
+            row = out[p, ky if ky >= 0 else ky + s]
+            last = extent[j]
+            for x in range(last + 1, sh):
+                row[x] = 0j
+            ahead = j + _PREFETCH_ROWS
+            ky_ahead = ahead - half
+            last_ahead = extent[ahead] if ahead < s else -1
+            for x in range(last + 1):
+                if x <= last_ahead:
+                    _prefetch_sample(voxels, base, oz, oy, ox, n, nh,
+                                     m00 * x + m10 * ky_ahead, m01 * x + m11 * ky_ahead, m02 * x + m12 * ky_ahead)
                 ux = m00 * x + m10 * ky
                 uy = m01 * x + m11 * ky
                 uz = m02 * x + m12 * ky
-                sign = 1.0
                 if ux <= 0.0:
-                    ux = -ux
-                    uy = -uy
-                    uz = -uz
-                    sign = -1.0
-                x0 = int(ux)  # ux >= 0: int() is floor
-                y0 = int(uy)
-                if uy < y0:
-                    y0 -= 1
-                z0 = int(uz)
-                if uz < z0:
-                    z0 -= 1
-                fx = ux - x0
-                fy = uy - y0
-                fz = uz - z0
-                x1 = x0 + 1
-                if x1 >= nh:
-                    x1 = nh - 2
-                if x0 >= nh:
-                    x0 = nh - 1
-                # |u| is within the grid's Nyquist radius, so one conditional add wraps (integer % is slow)
-                if y0 < 0:
-                    y0 += n
-                if z0 < 0:
-                    z0 += n
-                y1 = y0 + 1
-                if y1 >= n:
-                    y1 -= n
-                z1 = z0 + 1
-                if z1 >= n:
-                    z1 -= n
-                a0 = ox[x0]
-                a1 = ox[x1]
-                c0 = oxi[x0]
-                c1 = oxi[x1]
-                b00 = base + oz[z0] + oy[y0]
-                b10 = base + oz[z0] + oy[y1]
-                b01 = base + oz[z1] + oy[y0]
-                b11 = base + oz[z1] + oy[y1]
-                gx = 1.0 - fx
-                gy = 1.0 - fy
-                gz = 1.0 - fz
-                r00 = gx * flat[b00 + a0] + fx * flat[b00 + a1]
-                i00 = gx * flat[b00 + c0] + fx * flat[b00 + c1]
-                r10 = gx * flat[b10 + a0] + fx * flat[b10 + a1]
-                i10 = gx * flat[b10 + c0] + fx * flat[b10 + c1]
-                r01 = gx * flat[b01 + a0] + fx * flat[b01 + a1]
-                i01 = gx * flat[b01 + c0] + fx * flat[b01 + c1]
-                r11 = gx * flat[b11 + a0] + fx * flat[b11 + a1]
-                i11 = gx * flat[b11 + c0] + fx * flat[b11 + c1]
-                re = gz * (gy * r00 + fy * r10) + fz * (gy * r01 + fy * r11)
-                im = gz * (gy * i00 + fy * i10) + fz * (gy * i01 + fy * i11)
-                row[x] = complex(re, sign * im)
+                    re, im = _trilinear(voxels, base, oz, oy, ox, n, nh, -ux, -uy, -uz)
+                    row[x] = complex(re, -im)
+                else:
+                    re, im = _trilinear(voxels, base, oz, oy, ox, n, nh, ux, uy, uz)
+                    row[x] = complex(re, im)
 
 
 @njit(cache=True, parallel=True)
