@@ -241,6 +241,32 @@ def fill_bricks(plain, out):
                                 out[zb, yb, xb, zi, yi, xi] = 0j
 
 
+@njit(cache=True)
+def add_tile_power(spectra, total):
+    """``total += sum_t |spectra[t]|^2`` in double precision, the tiles summed in order first (the
+    order of numpy's ``total += np.sum(re**2 + im**2, axis=0)``, so the result is the same bit for bit).
+    Serial: a fraction of a millisecond between two FFTs, less than waking the threads costs.
+
+    spectra : complex64 (t, s, sh) ; total : float64 (s, sh), added to
+    """
+    count, rows, columns = spectra.shape
+    partial = np.empty(columns)
+    for y in range(rows):
+        for x in range(columns):
+            value = spectra[0, y, x]
+            re = np.float64(value.real)
+            im = np.float64(value.imag)
+            partial[x] = re * re + im * im
+        for t in range(1, count):
+            for x in range(columns):
+                value = spectra[t, y, x]
+                re = np.float64(value.real)
+                im = np.float64(value.imag)
+                partial[x] += re * re + im * im
+        for x in range(columns):
+            total[y, x] += partial[x]
+
+
 @njit(cache=True, parallel=True)
 def extract_boxes(image, origins, out):
     """Cut ``s x s`` boxes out of one tilt image, edge-clamped, RELION's cropCircle taper, centred.
