@@ -116,14 +116,22 @@ def _image_figure(plt, path: Path):
     return figure
 
 
+#: Resolution of the PNGs and of the PDF's pages (the same raster).
+PLOT_DPI = 90
+
+
 def write_report(summary: dict, out_dir: Path, phase_maps: dict[str, dict[str, np.ndarray]] | None = None,
                  extra_images: list[Path] = ()) -> list[Path]:
     """Draw every plot of ``summary`` as PNGs under ``out_dir/plots`` and all of them in ``logfile.pdf``
     (``extra_images``, PNGs made elsewhere such as the FSC before/after, are added as pages).
 
+    Each figure is drawn once, at :data:`PLOT_DPI`, and that raster is both its PNG and its page of
+    the PDF (Pillow writes the PDF): a vector PDF drew every figure a second time and loaded
+    matplotlib's PDF backend, 1.2 of the 1.8 s the report took at the end of every run.
+
     Returns the PNG paths.
     """
-    from matplotlib.backends.backend_pdf import PdfPages
+    from PIL import Image
 
     plt = _pyplot()
     out_dir = Path(out_dir)
@@ -142,14 +150,20 @@ def write_report(summary: dict, out_dir: Path, phase_maps: dict[str, dict[str, n
     for image in extra_images:
         figures.append((Path(image).stem + "_before_after", _image_figure(plt, image)))
     paths = []
+    pages = []
+    for stem, figure in figures:
+        figure.set_dpi(PLOT_DPI)
+        figure.canvas.draw()
+        page = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
+        plt.close(figure)
+        path = plot_dir / f"{stem}.png"
+        page.save(path.with_suffix(".part.png"), format="PNG", dpi=(PLOT_DPI, PLOT_DPI))
+        os.replace(path.with_suffix(".part.png"), path)
+        pages.append(page)
+        paths.append(path)
+    if not pages:
+        pages.append(Image.new("RGB", (PLOT_DPI * 6, PLOT_DPI * 4), "white"))
     tmp_pdf = out_dir / "logfile.pdf.part"
-    with PdfPages(tmp_pdf) as pdf:
-        for stem, figure in figures:
-            path = plot_dir / f"{stem}.png"
-            figure.savefig(path.with_suffix(".part.png"), dpi=90)
-            os.replace(path.with_suffix(".part.png"), path)
-            pdf.savefig(figure)
-            plt.close(figure)
-            paths.append(path)
+    pages[0].save(tmp_pdf, format="PDF", save_all=True, append_images=pages[1:], resolution=PLOT_DPI)
     os.replace(tmp_pdf, out_dir / "logfile.pdf")
     return paths
