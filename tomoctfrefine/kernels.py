@@ -557,11 +557,17 @@ def profiled_likelihood_terms(
     Gauss-Newton curvatures of ``1/2 (c^2 e^T A e + 2 c Re e^T b)`` (see refine.likelihood)."""
     n_tilts, n_pixels = a_ss.shape
     for f in prange(n_tilts):
+        # the derivative pass reuses the cosines and sines (they were half its time)
+        cosines = np.empty(n_pixels if derivatives else 0)
+        sines = np.empty(n_pixels if derivatives else 0)
         sp = 0.0
         sr = 0.0
         for k in range(n_pixels):
             c = np.cos(delta[f, k])
             s = np.sin(delta[f, k])
+            if derivatives:
+                cosines[k] = c
+                sines[k] = s
             bs_re = psi_cos[k] * b_s[f, k].real + psi_sin[k] * b_s[f, k].imag
             bc_re = psi_cos[k] * b_c[f, k].real + psi_sin[k] * b_c[f, k].imag
             sp += a_ss[f, k] * c * c + 2.0 * a_sc[f, k] * c * s + a_cc[f, k] * s * s
@@ -578,8 +584,8 @@ def profiled_likelihood_terms(
         if not derivatives:
             continue
         for k in range(n_pixels):
-            c = np.cos(delta[f, k])
-            s = np.sin(delta[f, k])
+            c = cosines[k]
+            s = sines[k]
             ass = a_ss[f, k]
             asc = a_sc[f, k]
             acc = a_cc[f, k]
