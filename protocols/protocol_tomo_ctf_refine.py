@@ -126,6 +126,12 @@ class ProtTomoCtfRefine(EMProtocol):
         form.addParam("kMin", params.FloatParam, default=30.0, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GT(0)], label="Lowest resolution used (Å)",
                       help="Frequencies below 1/kMin are ignored (RELION's --kmin).")
+        form.addParam("adoptHand", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                      label="Adopt the defocus hand the data prefer?",
+                      help="Every run compares the fit of both defocus hands. Yes: when the data decisively prefer "
+                           "the opposite hand, the refinement uses it and writes it (rlnTomoHand), saying so in "
+                           "the log and the summary. No: the input hand is kept and the verdict only reported "
+                           "(the CLI's --keep_hand).")
         form.addParam("refineContrast", params.BooleanParam, default=True, label="Refine contrast scale?",
                       help="Refine the contrast scale of each tilt (rlnCtfScalefactor).")
         form.addParam("refineScalePerFrame", params.BooleanParam, default=True, condition="refineContrast",
@@ -209,6 +215,7 @@ class ProtTomoCtfRefine(EMProtocol):
             odd_order=ODD_ORDERS[self.maxAbeOddOrder.get()],
             threads=max(1, int(self.numberOfThreads.get() or 1)),
             model_neighbours=bool(self.modelNeighbours.get()),
+            adopt_hand=bool(self.adoptHand.get()),
         )
 
     # paths (relative to the project directory, the working directory of every step)

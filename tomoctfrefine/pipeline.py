@@ -45,6 +45,8 @@ class RefineOptions:
     ``regularisation_lambda`` is dimensionless here: 1 pulls a tilt towards the tomogram's common
     defocus as strongly as an average tilt's own data pull it (it does not depend on the box size or
     the particle count, unlike RELION's).
+    ``adopt_hand``: when the hand check decisively prefers the opposite defocus hand, refine with it and
+    write it (``rlnTomoHand``), saying so; False keeps the input hand and only reports (RELION's way).
     """
 
     box_size_px: int
@@ -74,6 +76,7 @@ class RefineOptions:
     diagnostics: bool = False
     assess: bool = False
     check_hand: bool = True
+    adopt_hand: bool = True
     model_neighbours: bool = True
 
     @property
@@ -87,7 +90,7 @@ class RefineOptions:
 
 
 _STATISTICS_FIELDS = ("box_size_px", "freq_cutoff_angstrom", "fsc_threshold_width_px", "use_snr_weight",
-                      "per_frame_noise", "check_hand", "model_neighbours")
+                      "per_frame_noise", "check_hand", "adopt_hand", "model_neighbours")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,13 +226,30 @@ class _Inputs:
         self.particle_set = particles_io.read_particle_set(run.inputs["particles_path"])
         self.names = tomograms_io.tomogram_names(self.tomogram_set)
         self._tomograms = {}
+        self._adopted = {}
 
-    def tomogram(self, name: str):
+    def tomogram(self, name: str, adopted_hand: bool = True):
+        """The tomogram as written in the input, with the hand the defocus step adopted (unless
+        ``adopted_hand=False``: the input's, which the statistics' own arrays use)."""
+        import dataclasses
+
         from .io import tomograms as tomograms_io
 
         if name not in self._tomograms:
             self._tomograms[name] = tomograms_io.tomogram(self.tomogram_set, name)
-        return self._tomograms[name]
+        tomo = self._tomograms[name]
+        if adopted_hand and self.hand_adopted(name):
+            tomo = dataclasses.replace(tomo, hand=-tomo.hand)
+        return tomo
+
+    def hand_adopted(self, name: str) -> bool:
+        """Did the defocus step adopt the opposite hand for this tomogram (``RefineOptions.adopt_hand``)?"""
+        if name not in self._adopted:
+            path = self.run.temp / "defocus" / f"{name}.npz"
+            if not _finished(path):
+                return False  # not decided yet
+            self._adopted[name] = bool(_load_arrays(path).get("hand_adopted", False))
+        return self._adopted[name]
 
     def rows(self, name: str) -> np.ndarray:
         from .io.particles import particles_of
@@ -254,8 +274,17 @@ class _Inputs:
     def with_statistics(self) -> list[str]:
         return [n for n in self.names if _finished(self.run.temp / "statistics" / f"{n}.npz")]
 
-    def statistics(self, name: str, with_flipped_hand: bool = False) -> TiltStatistics:
-        return TiltStatistics.load(self.run.temp / "statistics" / f"{name}.npz", with_flipped_hand)
+    def statistics(self, name: str, with_flipped_hand: bool = False, adopted_hand: bool = True) -> TiltStatistics:
+        """The tomogram's statistics under the adopted hand (see :meth:`tomogram`); ``flipped_hand``
+        (when asked for) is then the other one."""
+        path = self.run.temp / "statistics" / f"{name}.npz"
+        if not (adopted_hand and self.hand_adopted(name)):
+            return TiltStatistics.load(path, with_flipped_hand)
+        import dataclasses
+
+        both = TiltStatistics.load(path, with_flipped_hand=True)
+        own = dataclasses.replace(both, flipped_hand=None)
+        return dataclasses.replace(both.flipped_hand, flipped_hand=own if with_flipped_hand else None)
 
     def frame_range(self, n_tilts: int) -> np.ndarray:
         """Tilts selected by ``--min_frame``/``--max_frame`` (table order; max <= 0 means all)."""
@@ -353,7 +382,7 @@ def prepare(opt, options: RefineOptions, out_dir, command_line: str = "", world:
     with Progress("prepare", sum(counts[n] for n in todo), len(todo), enabled=_show_progress(world)) as bar:
         for index, name in enumerate(todo, 1):
             started = time.time()
-            tomo = data.tomogram(name)
+            tomo = data.tomogram(name, adopted_hand=False)
             rows = data.rows(name)
             images = tomograms_io.load_tilt_images(tomo)
             weights = reference_mod.noise_weights(images, options.box_size_px, per_frame=options.per_frame_noise) * cutoff[None]
@@ -461,8 +490,8 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
             if run.options.only_do_unfinished and _finished(target):
                 continue
             started = time.time()
-            statistics = data.statistics(name, with_flipped_hand=True)
-            tomo = data.tomogram(name)
+            statistics = data.statistics(name, with_flipped_hand=True, adopted_hand=False)
+            tomo = data.tomogram(name, adopted_hand=False)
             selected = data.frame_range(tomo.tilt_count)
             kwargs = dict(
                 scan_min_angstrom=run.options.defocus_scan_min_angstrom,
@@ -481,10 +510,18 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
                 options_for_hand = {k: v for k, v in kwargs.items() if k != "band"}
                 verdict = check_handedness(statistics, tomo.optics.wavelength_angstrom, *ctf, input_fit=fit,
                                            band=kwargs["band"], **options_for_hand)
+                adopted = verdict.verdict == "opposite hand" and run.options.adopt_hand
+                message = verdict.message
+                if adopted:
+                    fit = verdict.opposite_fit
+                    message += (f" Refined with the opposite hand and written as rlnTomoHand {-tomo.hand:+g} (input "
+                                f"{tomo.hand:+g}); --keep_hand keeps the input hand.")
+                elif verdict.verdict == "opposite hand":
+                    message += " The hand was not changed (--keep_hand): flip rlnTomoHand and rerun."
                 hand = {"hand_log_likelihood_gain": np.array(verdict.log_likelihood_ratio),
                         "hand_z_score": np.array(verdict.z_score), "hand_verdict": np.array(verdict.verdict),
-                        "hand_message": np.array(verdict.message)}
-                _log(run, f"hand: {name}: {verdict.message}")
+                        "hand_message": np.array(message), "hand_adopted": np.array(adopted)}
+                _log(run, f"hand: {name}: {message}")
             _save_arrays(target, **{k: v for k, v in _defocus_arrays(fit).items() if v is not None}, **hand)
             _log(run, f"defocus: {name}: {int(fit.refined.sum())}/{tomo.tilt_count} tilts refined, median "
                       f"uncertainty {np.median(fit.uncertainty_angstrom[fit.refined]) if fit.refined.any() else float('nan'):.0f} Å, "
@@ -659,19 +696,20 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
         residual_path.unlink(missing_ok=True)
     statistics = with_own_particles(statistics, scale, odd_phase)
     statistics = merged_statistics(statistics, accumulated.with_phase_change(delta), model_radius)
+    band = scale_band(s, tomo.pixel_size_angstrom)
     if not options.do_defocus:
-        estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=scale_band(s, tomo.pixel_size_angstrom))
+        estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=band)
         return estimate, information, None
     ctf = (tomo.defocus_u_angstrom, tomo.defocus_v_angstrom, tomo.defocus_angle_deg)
     # the band of the scale: with the neighbours modelled the low frequencies are clean, and for the
     # middle-dose tilts they hold much of the defocus information (accuracy set, 40-100 e/Å²: 1.18 ->
     # 1.08x the Cramér-Rao bound against --kmin 30)
     polished = defocus_mod.refine_defocus(
-        statistics, tomo.optics.wavelength_angstrom, *ctf, scan_steps=1, band=scale_band(s, tomo.pixel_size_angstrom),
+        statistics, tomo.optics.wavelength_angstrom, *ctf, scan_steps=1, band=band,
         regularisation_lambda=options.regularisation_lambda if options.regularise_defocus else 0.0,
         odd_phase_rad=odd_phase, input_scale=scale, tilt_mask=data.frame_range(tomo.tilt_count))
     estimate, information = scale_evidence(
-        statistics, odd_phase_rad=odd_phase, band=scale_band(s, tomo.pixel_size_angstrom),
+        statistics, odd_phase_rad=odd_phase, band=band,
         defocus_change_phase_rad=defocus_mod.defocus_phase_change_rad(
             polished.defocus_change_angstrom, tomo.optics.wavelength_angstrom, s, tomo.pixel_size_angstrom))
     return estimate, information, polished
@@ -888,7 +926,10 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
             if "hand_verdict" in arrays:
                 entry["hand"] = {"log_likelihood_gain": float(arrays["hand_log_likelihood_gain"]),
                                  "z_score": float(arrays["hand_z_score"]), "verdict": str(arrays["hand_verdict"]),
-                                 "message": str(arrays["hand_message"])}
+                                 "message": str(arrays["hand_message"]), "adopted": data.hand_adopted(name),
+                                 "input": float(data.tomogram(name, adopted_hand=False).hand), "written": float(tomo.hand)}
+        if data.hand_adopted(name):
+            tset = tomograms_io.with_hand(tset, name, tomo.hand)
         scale_file = run.temp / "scale" / f"{name}.npz"
         if options.do_scale and scale_file.exists():
             scale_arrays = _load_arrays(scale_file)

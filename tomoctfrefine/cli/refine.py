@@ -9,6 +9,9 @@ Differences from RELION, all deliberate:
   Scipion's RELION wrapper produces); an odd or non-positive ``--b``;
 * ``--no_neighbour_model`` (ours): fit the scale with the neighbouring particles' signal counted as
   noise, as RELION does, instead of modelling it.
+* ``--keep_hand`` (ours): when the data decisively prefer the opposite defocus hand, keep the input hand
+  and only report it (RELION has no hand check). By default that hand is adopted: the refinement uses it,
+  writes it as ``rlnTomoHand`` and says so in the log, ``summary.json`` and ``logfile.pdf``.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ GROUPS = {
         ("--d1", dict(type=float, default=3000.0, help="Maximal defocus offset to scan (Å)")),
         ("--ds", dict(type=int, default=100, help="Number of defocus samples to scan")),
         ("--do_reg_defocus", dict(action="store_true", help="Regularise the defocus across the tilts of a tomogram")),
+        ("--keep_hand", dict(action="store_true", help="Keep the input defocus hand even when the data decisively prefer "
+                             "the opposite one (default: adopt it, write it as rlnTomoHand and say so)")),
         ("--reset_to_common", dict(action="store_true", help="Start all tilts from the lowest-dose tilt's CTF (with --do_reg_defocus)")),
         ("--kmin", dict(type=float, default=30.0, help="Lowest spatial frequency used (Å)")),
     ],
@@ -157,6 +162,7 @@ def options_from_args(args: argparse.Namespace):
         diagnostics=args.diag,
         assess=args.assess,
         model_neighbours=not args.no_neighbour_model,
+        adopt_hand=not args.keep_hand,
     )
 
 

@@ -368,6 +368,16 @@ def with_global_values(tset: TomogramSet, name: str, **columns) -> TomogramSet:
     return _copy(tset, global_table=table)
 
 
+def with_hand(tset: TomogramSet, name: str, hand: float) -> TomogramSet:
+    """A new set with tomogram ``name``'s defocus hand (``rlnTomoHand``) set; a missing column is added
+    with RELION's default (+1) for the other tomograms."""
+    if HAND not in tset.global_table.columns:
+        table = tset.global_table.copy()
+        table[HAND] = 1.0
+        tset = _copy(tset, global_table=table)
+    return with_global_values(tset, name, **{HAND: float(hand)})
+
+
 _JOB_PREFIX = re.compile(r"^[^/]+/job\d+/")
 
 

@@ -1,4 +1,5 @@
-"""Which defocus hand do the data prefer? A likelihood comparison; the hand is never changed here.
+"""Which defocus hand do the data prefer? A likelihood comparison; the hand is never changed here
+(the pipeline decides what to do with the verdict and says so).
 
 The per-particle defocus offset ``hand * p * slope * depth`` enters the statistics. The statistics of the
 opposite hand (``TiltStatistics.flipped_hand``) are fitted exactly like the input ones (defocus scan,
@@ -34,7 +35,9 @@ class HandednessVerdict:
     per_tilt_difference : ndarray (n_tilts,)
         ``d_f`` (0 for tilts not refined under both hands).
     message : str
-        One line for the log and the report.
+        One line for the log and the report (the verdict and its evidence).
+    opposite_fit : DefocusFit
+        The defocus refined under the opposite hand (what a run that adopts that hand keeps).
     """
 
     verdict: str
@@ -42,6 +45,7 @@ class HandednessVerdict:
     z_score: float
     per_tilt_difference: np.ndarray
     message: str
+    opposite_fit: DefocusFit
 
 
 def check_handedness(
@@ -65,7 +69,7 @@ def check_handedness(
     """
     if statistics.flipped_hand is None:
         raise ValueError("the statistics were computed without the opposite hand (with_flipped_hand=False)")
-    costs, refined = [], []
+    costs, refined, fits = [], [], []
     for stats in (statistics, statistics.flipped_hand):
         if stats is statistics and input_fit is not None:
             fit = input_fit
@@ -74,6 +78,7 @@ def check_handedness(
         constant = 0.5 * _band_oo(stats, band)
         costs.append(fit.cost - constant)
         refined.append(fit.refined)
+        fits.append(fit)
     both = refined[0] & refined[1]
     difference = np.where(both, costs[1] - costs[0], 0.0)
     total = float(difference.sum())
@@ -93,10 +98,10 @@ def check_handedness(
     if verdict == "input hand":
         message = f"The input defocus hand is confirmed ({detail})."
     elif verdict == "opposite hand":
-        message = f"The data prefer the OPPOSITE defocus hand ({detail}); the hand was not changed: flip rlnTomoHand and rerun."
+        message = f"The data prefer the OPPOSITE defocus hand ({detail})."
     else:
         message = f"The defocus hand cannot be decided from these data ({detail}); the hand was not changed."
-    return HandednessVerdict(verdict, total, z, difference, message)
+    return HandednessVerdict(verdict, total, z, difference, message, fits[1])
 
 
 def _band_oo(statistics: TiltStatistics, band: FrequencyBand) -> np.ndarray:
