@@ -644,7 +644,7 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
     from .io.maps import release_pages
     from .io.trajectories import read_trajectories
     from .refine import defocus as defocus_mod
-    from .refine.scale import scale_band, scale_evidence
+    from .refine.scale import MODELLED_SCALE_LOWEST_RADIUS_PX, scale_band, scale_evidence
     from .statistics import compute_statistics
 
     options = run.options
@@ -696,7 +696,7 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
         residual_path.unlink(missing_ok=True)
     statistics = with_own_particles(statistics, scale, odd_phase)
     statistics = merged_statistics(statistics, accumulated.with_phase_change(delta), model_radius)
-    band = scale_band(s, tomo.pixel_size_angstrom)
+    band = scale_band(s, tomo.pixel_size_angstrom, lowest_radius_px=MODELLED_SCALE_LOWEST_RADIUS_PX)
     if not options.do_defocus:
         estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=band)
         return estimate, information, None

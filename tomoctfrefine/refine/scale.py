@@ -139,12 +139,20 @@ def scale_evidence(
 
 #: The scale is fitted on every frequency from this radius (px of the estimation box) to the corners.
 #: Below it, the observed boxes carry the disk-shaped pedestal left by the cropCircle's corner-mean
-#: subtraction (its transform lives within ~1.2 px of the origin), which no prediction has.
+#: subtraction (its transform lives within ~1.2 px of the origin), which no prediction has: with the
+#: neighbours' signal in the corners it is large.
 SCALE_LOWEST_RADIUS_PX = 3
 
+#: The same once the neighbouring particles are modelled (``pipeline``'s scale step): the corners then
+#: hold noise only, the pedestal is small, and the 1-3 px pixels add 4-9 % of a tilt's scale information
+#: (more at high dose). At the true CTF of the accuracy sets, from 3 px / from 1 px: 1.28 / 1.16x the
+#: Cramér-Rao bound (set d), 1.19 / 1.17x (c), 1.10 / 1.11x (a).
+MODELLED_SCALE_LOWEST_RADIUS_PX = 1
 
-def scale_band(box_size_px: int, pixel_size_angstrom: float):
-    """The frequencies of the scale fit: ``SCALE_LOWEST_RADIUS_PX`` px to the box corners.
+
+def scale_band(box_size_px: int, pixel_size_angstrom: float, lowest_radius_px: float | None = None):
+    """The frequencies of the scale fit: ``lowest_radius_px`` (default ``SCALE_LOWEST_RADIUS_PX``) px
+    to the box corners.
 
     Wider than the defocus band (``--kmin``, 30 Å): most of a tilt's scale information is at low
     frequency (at box 256 and 2 Å, 30 Å to the corners holds about a third of it), and the defocus
@@ -152,7 +160,8 @@ def scale_band(box_size_px: int, pixel_size_angstrom: float):
     """
     from .likelihood import FrequencyBand
 
-    return FrequencyBand(kmin_angstrom=box_size_px * pixel_size_angstrom / SCALE_LOWEST_RADIUS_PX, kmax_angstrom=None)
+    lowest = SCALE_LOWEST_RADIUS_PX if lowest_radius_px is None else lowest_radius_px
+    return FrequencyBand(kmin_angstrom=box_size_px * pixel_size_angstrom / lowest, kmax_angstrom=None)
 
 
 def _fallback(scale_estimate, scale_information, input_scale):
