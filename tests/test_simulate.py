@@ -29,6 +29,7 @@ from tomoctfrefine.simulate import (
     acquisition_order,
     load_truth,
     make_pseudo_atoms,
+    noise_realisation,
     parameters_from_truth,
     render_map,
     render_projection,
@@ -169,6 +170,17 @@ def test_noise_gives_the_requested_snr(dataset):
         lowest = int(np.argmin([t["pre_exposure"] for t in truth["tomograms"][name]]))
         variances.append(np.var(clean[lowest].astype(np.float64)))
     assert np.mean(variances) / sigma**2 == pytest.approx(params.snr, rel=0.1)
+
+
+def test_the_noise_can_be_drawn_again(dataset):
+    """benchmarks compare a refinement with an efficient estimator on the very same noise"""
+    out, _, params, truth = dataset
+    for index, name in enumerate(("TS_01", "TS_02")):
+        clean = mrcfile.read(out / f"truth/tilt_series/{name}_noiseless.mrc")
+        noisy = mrcfile.read(out / f"tilt_series/{name}.mrc")
+        drawn = np.stack(list(noise_realisation(params, index, truth["noise_sigma"])))
+        assert drawn.shape == noisy.shape
+        np.testing.assert_array_equal(clean + drawn, noisy)
 
 
 def test_truth_json_equals_the_files(dataset):
