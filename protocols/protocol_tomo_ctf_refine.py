@@ -96,8 +96,9 @@ class ProtTomoCtfRefine(EMProtocol):
                            "weight. Without it the half maps' own FSC is used.")
         form.addParam("handedness", params.BooleanParam, default=True, condition=f"inputFrom=={INPUT_SCIPION}",
                       label="Does focus decrease with Z distance?",
-                      help="RELION's rlnTomoHand: yes writes -1, no writes +1. The refinement reports "
-                           "whether the data agree (hand check plot).")
+                      help="RELION's rlnTomoHand: yes writes -1, no writes +1. The refinement checks "
+                           "whether the data agree (hand check plot) and, unless told otherwise (Defocus, "
+                           "advanced), adopts the hand they decisively prefer and says so in the summary.")
 
         form.addSection(label="Defocus")
         form.addParam("boxSize", params.IntParam, default=512, validators=[params.GE(16)],
@@ -441,9 +442,14 @@ class ProtTomoCtfRefine(EMProtocol):
         summary = []
         if self.hasAttribute(Outputs.CTFs.name):
             summary.append(f"Refined CTF of {getattr(self, Outputs.CTFs.name).getSize()} tilt series.")
+        summary_file = Path(self.outDir()) / "summary.json"
+        results = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        for name, tomogram in results.get("tomograms", {}).items():
+            hand = tomogram.get("hand", {})
+            if hand.get("verdict") in ("opposite hand", "undecided"):
+                summary.append(f"{name}: {hand['message']}")
         if self.hasAttribute(Outputs.FSCs.name):
-            summary_file = Path(self.outDir()) / "summary.json"
-            assessment = json.loads(summary_file.read_text()).get("assessment") if summary_file.exists() else None
+            assessment = results.get("assessment")
             if assessment and None not in (assessment["before"]["resolution_0.143_angstrom"],
                                            assessment["after"]["resolution_0.143_angstrom"]):
                 summary.append(f"FSC 0.143: {assessment['before']['resolution_0.143_angstrom']:.2f} Å before, "
