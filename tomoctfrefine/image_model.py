@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from .statistics import TiltStatistics
+from .statistics import TiltStatistics, tilt_gamma
 
 #: Finest detail the neighbour model renders (Å): beyond it the particles' signal in a box is far below
 #: the noise (at the true CTF of the accuracy set, the scale fitted on 12 Å to Nyquist scatters as the
@@ -35,6 +35,7 @@ def render_tilt_model(
     odd_phase_rad: np.ndarray | None = None,
     image_shape: tuple[int, int] | None = None,
     workers: int = -1,
+    max_radius_px: float | None = None,
 ) -> np.ndarray:
     """The noiseless model of one tilt image, ``(H, W)`` float32.
 
@@ -59,6 +60,10 @@ def render_tilt_model(
         Default: the tomogram's image size.
     workers : int
         FFT threads.
+    max_radius_px : float or None
+        The radius beyond which ``slices`` are 0 (``central_slices``' ``sqrt(max_radius2)``): the
+        spectra are then made, and transformed along y, only up to that column (the same image, bit
+        for bit, at a fraction of the cost when the model stops well below Nyquist).
     """
     from . import forward, kernels
 
@@ -68,21 +73,33 @@ def render_tilt_model(
     out = np.zeros((height, width), dtype=np.float32)
     if not len(slices):
         return out
-    gamma = forward.tilt_gamma(tomogram, s, even_zernike, [tilt])[0]
+    gamma = tilt_gamma(tomogram, s, even_zernike, tilt)
     damping = forward.tilt_damping(tomogram, s, [tilt])[0]
     common = -scale * -forward.prediction_normalisation(s) * damping
     common = common * np.exp(1j * odd_phase_rad) if odd_phase_rad is not None else common.astype(np.complex128)
     origins, shifts = forward.box_origins_and_shifts(image_positions, s)
     freq_unit2 = 1.0 / (s * tomogram.pixel_size_angstrom) ** 2
+    columns = sh if max_radius_px is None else max(1, min(sh, int(np.floor(max_radius_px)) + 1))
+    pruned = columns < 0.8 * sh
+    if not pruned:
+        columns = sh
+    phasor = np.ascontiguousarray(np.exp(1j * gamma)[:, :columns])
+    common = np.ascontiguousarray(common[:, :columns])
     chunk = 64
-    spectra = np.empty((min(chunk, len(slices)), s, sh), dtype=np.complex64)
+    spectra = np.empty((min(chunk, len(slices)), s, columns), dtype=np.complex64)
+    # beyond the slices' radius the spectra are 0: only the first columns go through the y pass
+    full = np.zeros((min(chunk, len(slices)), s, sh), dtype=np.complex64) if pruned else None
     for start in range(0, len(slices), chunk):
         rows = slice(start, min(start + chunk, len(slices)))
         n = rows.stop - rows.start
-        kernels.model_spectra(np.ascontiguousarray(slices[rows]), np.ascontiguousarray(shifts[rows], dtype=np.float64),
-                              np.ascontiguousarray(depth_phase[rows], dtype=np.float64), np.exp(1j * gamma), freq_unit2,
+        kernels.model_spectra(np.ascontiguousarray(slices[rows, :, :columns]), np.ascontiguousarray(shifts[rows], dtype=np.float64),
+                              np.ascontiguousarray(depth_phase[rows], dtype=np.float64), phasor, freq_unit2,
                               common, spectra[:n])
-        patches = scipy.fft.irfft2(spectra[:n], s=(s, s), norm="ortho", workers=workers)
+        if pruned:
+            full[:n, :, :columns] = scipy.fft.ifft(spectra[:n], axis=1, norm="ortho", workers=workers)
+            patches = scipy.fft.irfft(full[:n], n=s, axis=2, norm="ortho", workers=workers)
+        else:
+            patches = scipy.fft.irfft2(spectra[:n], s=(s, s), norm="ortho", workers=workers)
         kernels.add_patches(out, patches, np.ascontiguousarray(origins[rows]))
     return out
 

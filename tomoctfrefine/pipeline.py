@@ -683,7 +683,7 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
                 kernels.central_slices(references.bricks, references.grid_size, np.asarray(halves[near], dtype=np.int64) - 1,
                                        np.ascontiguousarray(matrices[near, f]), max_radius2, slices)
                 image -= render_tilt_model(tomo, f, image_positions[near, f], slices, depth_phase[near, f], float(scale[f]),
-                                           even, odd_phase, (height, width), workers=workers)
+                                           even, odd_phase, (height, width), workers=workers, max_radius_px=model_radius)
             residual[f] = image
             release_pages(residual)
         residual.flush()
