@@ -791,6 +791,9 @@ def add_patches(image, patches, origins):
     """Add rolled ``s x s`` patches (centre at pixel 0, as ``irfft2`` returns them) into ``image`` with
     their box origins ``(ox, oy)``; the parts outside the image are dropped.
 
+    Each patch row is added as two runs of columns (box columns ``0..s/2-1`` come from patch columns
+    ``s/2..s-1``, then the rest), clipped to the image once per patch: no modulo or bounds test per pixel.
+
     image : float32 (H, W), added to ; patches : float32 or float64 (m, s, s) ; origins : int64 (m, 2)
     """
     height = image.shape[0]
@@ -800,13 +803,14 @@ def add_patches(image, patches, origins):
     for p in range(patches.shape[0]):
         ox = origins[p, 0]
         oy = origins[p, 1]
-        for by in range(s):
-            y = oy + by
-            if y < 0 or y >= height:
-                continue
-            sy = (by + half) % s
-            for bx in range(s):
-                x = ox + bx
-                if x < 0 or x >= width:
-                    continue
-                image[y, x] += patches[p, sy, (bx + half) % s]
+        first_column = max(0, -ox)  # box columns [first_column, last_column) lie inside the image
+        last_column = min(s, width - ox)
+        if first_column >= last_column:
+            continue
+        for by in range(max(0, -oy), min(s, height - oy)):
+            target = image[oy + by]
+            source = patches[p, by + half if by < half else by - half]
+            for bx in range(first_column, min(half, last_column)):
+                target[ox + bx] += source[bx + half]
+            for bx in range(max(half, first_column), last_column):
+                target[ox + bx] += source[bx - half]
