@@ -351,7 +351,7 @@ def shift_observations(observations, shifts, out):
                 out[p, y, x] = observations[p, y, x] * complex(np.cos(phase), np.sin(phase))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def accumulate_tilt_statistics(
     observations,
     shifts,
@@ -380,7 +380,11 @@ def accumulate_tilt_statistics(
     was 2.5x slower from cache misses). Both per-particle phases are separable in x and ky (``|k|^2 = (x^2 + ky^2) freq_unit2``), so the hot
     loop has no trigonometry: per-particle column tables times one row factor.
     Parallel over image rows: each pixel's accumulators belong to one thread, so there are no
-    per-thread copies and the sums do not depend on the thread count.
+    per-thread copies and the sums do not depend on the thread count. Per pixel the particles are the
+    inner loop, with the sums in registers, in real arithmetic (no complex promotions of real factors),
+    and ``reassoc`` lets LLVM vectorise that loop: the particles are summed in SIMD lanes, which changes
+    the sums by ~1e-15 relative (they are stored in single precision) and makes the kernel 2x faster
+    (11 -> 5.3 ns per pixel and particle at s = 256). The lanes depend on the batch, not on the threads.
 
     observations : complex64 (m, s, sh) box FTs (centred, not shifted) ; shifts : float64 (m, 2)
     slices : complex64 (m, s, sh) central slices of the particles' half maps
@@ -391,49 +395,104 @@ def accumulate_tilt_statistics(
     m = observations.shape[0]
     s = observations.shape[1]
     sh = observations.shape[2]
-    shift_columns = np.empty((m, sh), dtype=np.complex128)
-    depth_columns = np.empty((m, sh), dtype=np.complex128)
+    # per-particle phase tables [x, p] (the particle loop is the inner one)
+    shift_columns = np.empty((sh, m), dtype=np.complex128)
+    depth_columns = np.empty((sh, m), dtype=np.complex128)
     for p in range(m):
         for x in range(sh):
             phase = 2.0 * np.pi * x * shifts[p, 0] / s
-            shift_columns[p, x] = complex(np.cos(phase), np.sin(phase))
+            shift_columns[x, p] = complex(np.cos(phase), np.sin(phase))
             phase = -depth_phase[p] * x * x * freq_unit2
-            depth_columns[p, x] = complex(np.cos(phase), np.sin(phase))
+            depth_columns[x, p] = complex(np.cos(phase), np.sin(phase))
     for y in prange(s):
         ky = y if y < s // 2 else y - s
+        rows = np.empty((4, m))  # the row factors: shift (cos, sin), depth (cos, sin)
         for p in range(m):
             phase = 2.0 * np.pi * ky * shifts[p, 1] / s
-            shift_row = complex(np.cos(phase), np.sin(phase))
+            rows[0, p] = np.cos(phase)
+            rows[1, p] = np.sin(phase)
             phase = -depth_phase[p] * ky * ky * freq_unit2
-            depth_row = complex(np.cos(phase), np.sin(phase))
-            for x in range(sh):
-                w = weight[y, x]
-                if w == 0.0:
-                    continue
-                q = prediction_factor * dose[y, x] * complex(slices[p, y, x])
-                o = complex(observations[p, y, x]) * shift_columns[p, x] * shift_row
-                n = q.real * q.real + q.imag * q.imag
-                z = o * q.conjugate()
-                depth = depth_columns[p, x] * depth_row
-                e = gamma_phasor[y, x] * depth
-                sg = e.imag
-                cg = e.real
+            rows[2, p] = np.cos(phase)
+            rows[3, p] = np.sin(phase)
+        for x in range(sh):
+            w = weight[y, x]
+            if w == 0.0:
+                continue
+            pd = prediction_factor * dose[y, x]
+            g = gamma_phasor[y, x]
+            ass = a_ss[y, x]
+            asc = a_sc[y, x]
+            acc = a_cc[y, x]
+            bs_re = b_s[y, x].real
+            bs_im = b_s[y, x].imag
+            bc_re = b_c[y, x].real
+            bc_im = b_c[y, x].imag
+            ooo = oo[y, x]
+            fss = fsc = fcc = fbs_re = fbs_im = fbc_re = fbc_im = 0.0
+            if with_flipped:
+                fss = f_ss[y, x]
+                fsc = f_sc[y, x]
+                fcc = f_cc[y, x]
+                fbs_re = fb_s[y, x].real
+                fbs_im = fb_s[y, x].imag
+                fbc_re = fb_c[y, x].real
+                fbc_im = fb_c[y, x].imag
+            for p in range(m):
+                value = slices[p, y, x]
+                qr = pd * np.float64(value.real)
+                qi = pd * np.float64(value.imag)
+                # o = observation * shift column * shift row
+                value = observations[p, y, x]
+                a = np.float64(value.real)
+                b = np.float64(value.imag)
+                column = shift_columns[x, p]
+                t_re = a * column.real - b * column.imag
+                t_im = a * column.imag + b * column.real
+                o_re = t_re * rows[0, p] - t_im * rows[1, p]
+                o_im = t_re * rows[1, p] + t_im * rows[0, p]
+                n = qr * qr + qi * qi
+                z_re = o_re * qr + o_im * qi  # o conj(q)
+                z_im = o_im * qr - o_re * qi
+                column = depth_columns[x, p]
+                d_re = column.real * rows[2, p] - column.imag * rows[3, p]
+                d_im = column.real * rows[3, p] + column.imag * rows[2, p]
+                cg = g.real * d_re - g.imag * d_im  # exp(i gamma_i) = exp(i gamma) depth
+                sg = g.real * d_im + g.imag * d_re
                 wn = w * n
-                a_ss[y, x] += wn * sg * sg
-                a_sc[y, x] += wn * sg * cg
-                a_cc[y, x] += wn * cg * cg
-                b_s[y, x] += w * sg * z
-                b_c[y, x] += w * cg * z
-                oo[y, x] += w * (o.real * o.real + o.imag * o.imag)
+                ass += wn * sg * sg
+                asc += wn * sg * cg
+                acc += wn * cg * cg
+                ws = w * sg
+                wc = w * cg
+                bs_re += ws * z_re
+                bs_im += ws * z_im
+                bc_re += wc * z_re
+                bc_im += wc * z_im
+                ooo += w * (o_re * o_re + o_im * o_im)
                 if with_flipped:
-                    e = gamma_phasor[y, x] * depth.conjugate()
-                    sg = e.imag
-                    cg = e.real
-                    f_ss[y, x] += wn * sg * sg
-                    f_sc[y, x] += wn * sg * cg
-                    f_cc[y, x] += wn * cg * cg
-                    fb_s[y, x] += w * sg * z
-                    fb_c[y, x] += w * cg * z
+                    cg = g.real * d_re + g.imag * d_im  # exp(i gamma) conj(depth)
+                    sg = g.imag * d_re - g.real * d_im
+                    fss += wn * sg * sg
+                    fsc += wn * sg * cg
+                    fcc += wn * cg * cg
+                    ws = w * sg
+                    wc = w * cg
+                    fbs_re += ws * z_re
+                    fbs_im += ws * z_im
+                    fbc_re += wc * z_re
+                    fbc_im += wc * z_im
+            a_ss[y, x] = ass
+            a_sc[y, x] = asc
+            a_cc[y, x] = acc
+            b_s[y, x] = complex(bs_re, bs_im)
+            b_c[y, x] = complex(bc_re, bc_im)
+            oo[y, x] = ooo
+            if with_flipped:
+                f_ss[y, x] = fss
+                f_sc[y, x] = fsc
+                f_cc[y, x] = fcc
+                fb_s[y, x] = complex(fbs_re, fbs_im)
+                fb_c[y, x] = complex(fbc_re, fbc_im)
 
 
 # =====================================================================================================
