@@ -262,6 +262,7 @@ def compute_statistics(
     dummy_complex = np.zeros((1, 1), dtype=np.complex128)
     chunk = max(1, int(chunk_megabytes * 2**20 / (s * s * 4 + 2 * s * sh * 8)))
     counts = np.zeros(n_tilts, dtype=np.int64)
+    buffers: dict = {}  # the batches' arrays, reused
     for f in range(n_tilts) if tilts is None else tilts:
         rows = np.nonzero(seen[:, f])[0]
         counts[f] = len(rows)
@@ -293,7 +294,7 @@ def compute_statistics(
                 batch = rows[start:start + step]
                 shifts, spectra, slices = _observe_and_slice(image, image_positions[batch, f], references,
                                                              halves[batch], matrices[batch, f],
-                                                             min(max_radius2, support2), workers)
+                                                             min(max_radius2, support2), workers, buffers)
                 predictions = forward.windowed_predictions(
                     slices, shifts, damping, factor, padded_gamma, depth_phase[batch, f], tomogram.pixel_size_angstrom,
                     with_flipped=flipped is not None, workers=workers)
@@ -307,7 +308,7 @@ def compute_statistics(
         for start in range(0, len(rows), chunk):
             batch = rows[start:start + chunk]
             shifts, spectra, slices = _observe_and_slice(image, image_positions[batch, f], references, halves[batch],
-                                                         matrices[batch, f], min(max_radius2, support2), workers)
+                                                         matrices[batch, f], min(max_radius2, support2), workers, buffers)
             kernels.accumulate_tilt_statistics(
                 spectra,
                 np.ascontiguousarray(shifts, dtype=np.float64),
@@ -345,18 +346,45 @@ def _store(stats: dict, flipped: dict | None, sums: dict, flipped_sums: dict | N
         flipped[name][f] = array[0]
 
 
-def _observe_and_slice(image, image_positions, references, halves, matrices, max_radius2: float, workers: int):
+def _buffer(buffers: dict | None, name: str, shape: tuple, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)``, or a leading part of the array ``buffers[name]`` kept from an earlier
+    batch: fresh arrays of tens of MB per batch cost a page fault per page (a sixth of prepare's time
+    went to the kernel)."""
+    if buffers is None:
+        return np.empty(shape, dtype=dtype)
+    kept = buffers.get(name)
+    if kept is None or kept.dtype != dtype or kept.shape[1:] != tuple(shape[1:]) or kept.shape[0] < shape[0]:
+        kept = buffers[name] = np.empty(shape, dtype=dtype)
+    return kept[:shape[0]]
+
+
+def _rfft2(boxes: np.ndarray, out: np.ndarray, workers: int) -> np.ndarray:
+    """``scipy.fft.rfft2(boxes, norm="ortho")`` written into ``out`` (complex64, the same call scipy
+    makes, so the same values) where scipy's pocketfft binding allows it; otherwise a new array."""
+    try:
+        from scipy.fft._pocketfft import pypocketfft
+
+        return pypocketfft.r2c(boxes, (1, 2), True, 1, out, workers)
+    except (ImportError, AttributeError, TypeError, ValueError, RuntimeError):
+        return scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
+
+
+def _observe_and_slice(image, image_positions, references, halves, matrices, max_radius2: float, workers: int,
+                       buffers: dict | None = None):
     """Observed spectra (boxes cut at the projected positions, unitary FFT), their sub-pixel shifts, and
     the CTF-free central slices of the particles' own half maps, for one batch of particles in one tilt.
 
     Only the columns ``kx <= sqrt(max_radius2)`` of the spectra are transformed along y (the rest are
-    set to 0: the weights vanish there); those columns equal ``rfft2``'s bit for bit."""
+    set to 0: the weights vanish there); those columns equal ``rfft2``'s bit for bit. With ``buffers``
+    (a dict kept across batches) the arrays of the previous batch are reused: the results are only
+    valid until the next call."""
     from . import forward, kernels
 
     s = references.box_size_px
     sh = s // 2 + 1
+    m = len(image_positions)
     origins, shifts = forward.box_origins_and_shifts(image_positions, s)
-    boxes = np.empty((len(image_positions), s, s), dtype=np.float32)
+    boxes = _buffer(buffers, "boxes", (m, s, s), np.float32)
     kernels.extract_boxes(image, origins, boxes)
     columns = min(sh, int(np.floor(np.sqrt(max_radius2))) + 1) if np.isfinite(max_radius2) else sh
     if columns < 0.8 * sh:
@@ -364,8 +392,7 @@ def _observe_and_slice(image, image_positions, references, halves, matrices, max
         spectra[:, :, :columns] = scipy.fft.fft(spectra[:, :, :columns], axis=1, norm="ortho", workers=workers)
         spectra[:, :, columns:] = 0
     else:
-        spectra = scipy.fft.rfft2(boxes, norm="ortho", workers=workers).astype(np.complex64, copy=False)
-    del boxes
-    slices = np.empty_like(spectra)
+        spectra = _rfft2(boxes, _buffer(buffers, "spectra", (m, s, sh), np.complex64), workers)
+    slices = _buffer(buffers, "slices", (m, s, sh), np.complex64)
     kernels.central_slices(references.bricks, references.grid_size, halves, np.ascontiguousarray(matrices), max_radius2, slices)
     return shifts, spectra, slices
