@@ -318,6 +318,9 @@ def test_cli_writes_the_dataset_and_says_what_it_wrote(tmp_path):
     assert "1 tilt series x 3 tilts of 320² px" in result.stdout and "4 particles" in result.stdout
     truth = json.loads((out / TRUTH_JSON).read_text())
     assert truth["odd"] == [0.0, 0.0, 50.0] and truth["written_hand"] == 1 and truth["hand"] == -1
+    # the refinement's input carries the written hand, the truth files the true one
+    assert list(starfile.read(out / "tomograms.star", always_dict=True)["global"]["rlnTomoHand"]) == [1.0]
+    assert list(starfile.read(out / "truth" / "tomograms_true.star", always_dict=True)["global"]["rlnTomoHand"]) == [-1.0]
     bad = subprocess.run([sys.executable, "-m", "tomoctfrefine", "simulate", "--out", str(tmp_path / "bad"), "--box_size_px", "32"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: simulation parameters [box_size_px]") and "Traceback" not in bad.stderr

@@ -772,9 +772,11 @@ _ORIGINAL_PIXEL_SIZE = "rlnMicrographOriginalPixelSize"
 _SUBTOMOS_ARE_STACKS = "rlnTomoSubTomosAre2DStacks"
 
 
-def _tomograms_document(params: SimulationParameters, truths: list[TomogramTruth], tilt_series_dir: str) -> StarDocument:
+def _tomograms_document(params: SimulationParameters, truths: list[TomogramTruth], tilt_series_dir: str,
+                        true_hand: bool = False) -> StarDocument:
+    """tomograms.star: the hand written for the refinement (``written_hand``), or the true one."""
     size = tomogram_size_px(params)
-    hand = params.hand if params.written_hand is None else params.written_hand
+    hand = params.hand if params.written_hand is None or true_hand else params.written_hand
     n = len(truths)
     table = pd.DataFrame({
         T.NAME: [t.name for t in truths], T.VOLTAGE: [params.voltage_kv] * n, T.CS: [params.spherical_aberration_mm] * n,
@@ -977,7 +979,7 @@ def simulate_dataset(out_dir: PathLike, params: SimulationParameters | None = No
         write_star(_tilt_series_document(truth, False, params.start_scale), out / "tilt_series" / f"{truth.name}.star")
         write_star(_tilt_series_document(truth, True, params.start_scale), out / "truth" / "tilt_series" / f"{truth.name}.star")
     write_star(_tomograms_document(params, truths, "tilt_series"), out / "tomograms.star")
-    write_star(_tomograms_document(params, truths, "truth/tilt_series"), out / "truth" / "tomograms_true.star")
+    write_star(_tomograms_document(params, truths, "truth/tilt_series", true_hand=True), out / "truth" / "tomograms_true.star")
     write_star(_particles_document(params, truths, with_zernike=False), out / "particles.star")
     write_star(_particles_document(params, truths, with_zernike=True), out / "truth" / "particles_true.star")
     references = dict(ref1_path="ref/half1.mrc", ref2_path="ref/half2.mrc", mask_path="ref/mask.mrc",
