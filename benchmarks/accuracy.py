@@ -18,6 +18,7 @@ regularisation) with the starting, refined and true CTF, compared with the true 
     python benchmarks/accuracy.py               # everything (~1 h on 2 shared cores)
     python benchmarks/accuracy.py --only a,d    # some datasets
     python benchmarks/accuracy.py --quick       # 1 x 21 tilts, 640² px, 60 particles per dataset
+    python benchmarks/accuracy.py --realisations 3   # three datasets per recipe, pooled table
 """
 from __future__ import annotations
 
@@ -37,20 +38,32 @@ TARGETS = dict(defocus_ratio=1.1, bias_angstrom=10.0, astig_low_dose_angstrom=50
                even_rad=0.05, odd_rad=0.01, map_fraction=0.98)
 
 
+#: Seed offset between the realisations of one dataset recipe (``--realisations``).
+REALISATION_SEED_STEP = 1000
+
+
 def dataset_name(key: str, quick: bool) -> str:
     base = "accuracy" if key == "a" else f"accuracy_{key}"
     return f"quick_{base}" if quick else base
 
 
 def run_dataset(key: str, label: str, preset: str, overrides: dict, boxes: list[int], quick: bool, maps: bool, log,
-                bound_source: str = "refinement", cached_only: bool = False) -> dict:
-    name = dataset_name(key, quick)
+                bound_source: str = "refinement", cached_only: bool = False, realisation: int = 0) -> dict:
+    """Refine one dataset and measure it; ``realisation`` > 0: the same recipe with another seed (another
+    dataset of the same shape: positions, CTFs and noise drawn again)."""
+    name = dataset_name(key, quick) + (f"_r{realisation}" if realisation else "")
+    tag = f"{key}{realisation}" if realisation else key
+    if realisation:
+        from tomoctfrefine.simulate import SimulationParameters
+
+        seed = overrides.get("seed", SimulationParameters.from_preset(preset).seed)
+        overrides = {**overrides, "seed": seed + REALISATION_SEED_STEP * realisation}
     if cached_only and not (common.dataset_folder(name) / "truth" / "truth.json").exists():
-        return {"key": key, "label": label, "rows": [], "maps": None}
+        return {"key": key, "tag": tag, "label": label, "rows": [], "maps": None}
     data = common.dataset(name, preset, overrides, log=log)
     truth = common.truth_table(data)
     reference_box = truth["json"]["params"]["box_size_px"]
-    results = {"key": key, "label": label, "rows": [], "maps": None}
+    results = {"key": key, "tag": tag, "label": label, "rows": [], "maps": None}
     for box in boxes:
         out = common.CACHE / "out" / f"{name}_b{box}"
         options = common.tutorial_options(box, everything=(key == "c"))
@@ -63,7 +76,9 @@ def run_dataset(key: str, label: str, preset: str, overrides: dict, boxes: list[
             bounds = common.bounds_at_truth(data, box, common.CACHE / "out" / f"{name}_truth_b{box}", log=log)
         else:
             bounds = common.bounds_from_refinement(data, out)
-        errors = common.ctf_errors(data, common.refined_table(out, data), bounds)
+        oracle = (common.oracle_scale_errors(data, box, common.CACHE / "out" / f"{name}_white_b{box}", log=log, cached_only=cached_only)
+                  if bound_source == "white" else None)
+        errors = common.ctf_errors(data, common.refined_table(out, data), bounds, oracle)
         results["rows"].append({"box": box, "measure": measure, "errors": errors, "hand": common.hand_verdicts(out),
                                 "out": out, "everything": key == "c"})
     if maps and results["rows"]:
@@ -98,12 +113,14 @@ def print_results(all_results: list[dict], expected_hand: dict, header: str, bou
     print("Per-tilt CTF errors (refined - true; defocus and astigmatism of the total quadratic form incl. Zernike rho^2 terms);")
     print(f"CRB = Cramér-Rao bound (RMS over the band's tilts; everything else known) {BOUND_SOURCES[bound_source]}; "
           "'x' = RMSE / CRB (the target); 'z' = RMS of each tilt's error over its own bound (1 for an efficient estimator; "
-          "less sensitive than 'x' to one high-dose tilt).")
+          "less sensitive than 'x' to one high-dose tilt); scale 'x*' = the same ratio for an efficient estimator that knows "
+          "everything but the scale, on this dataset's very noise (common.oracle_scale_errors): what this noise realisation "
+          "allows (1 on average; an RMS over 82 tilts scatters by ~8 %).")
     print(f"Targets: defocus RMSE <= {TARGETS['defocus_ratio']}x CRB per band, |bias| <= {TARGETS['bias_angstrom']:.0f} Å, "
           f"astigmatism <= {TARGETS['astig_low_dose_angstrom']:.0f} Å below 40 e/Å², scale <= {TARGETS['scale_ratio']}x CRB.")
     print()
     head = (f"{'set':<3} {'box':>4} {'band':<5} {'tilts':>5} | {'start':>6} {'RMSE':>6} {'CRB':>6} {'x':>5} {'z':>5} {'bias':>6} {'max':>6} | "
-            f"{'astig':>6} | {'scale%':>6} {'CRB%':>5} {'x':>5} {'z':>5} | verdict")
+            f"{'astig':>6} | {'scale%':>6} {'CRB%':>5} {'x':>5} {'z':>5} {'x*':>5} | verdict")
     print(head)
     print("-" * len(head))
     for res in all_results:
@@ -117,10 +134,11 @@ def print_results(all_results: list[dict], expected_hand: dict, header: str, bou
                 if band == "<40":
                     notes.append(verdict(e["astig_rms"], TARGETS["astig_low_dose_angstrom"], " Å (astig)", digits=0))
                 missed = [n for n in notes if n.startswith("MISSED")]
-                print(f"{res['key']:<3} {row['box']:>4} {band:<5} {e['tilts']:>5} | {fmt(e['start_rmse'], 0, 6)} {fmt(e['defocus_rmse'], 1, 6)} "
+                oracle_ratio = e["scale_oracle_rms"] / e["scale_bound"] if "scale_oracle_rms" in e else float("nan")
+                print(f"{res['tag']:<3} {row['box']:>4} {band:<5} {e['tilts']:>5} | {fmt(e['start_rmse'], 0, 6)} {fmt(e['defocus_rmse'], 1, 6)} "
                       f"{fmt(e['defocus_bound'], 1, 6)} {fmt(ratio, 2, 5)} {fmt(e['defocus_z_rms'], 2, 5)} {fmt(e['defocus_bias'], 1, 6)} {fmt(e['defocus_max'], 0, 6)} | "
                       f"{fmt(e['astig_rms'], 1, 6)} | {fmt(100 * e['scale_rel_rms'], 2, 6)} {fmt(100 * e['scale_bound'], 2, 5)} "
-                      f"{fmt(scale_ratio, 2, 5)} {fmt(e['scale_z_rms'], 2, 5)} | {'; '.join(missed) if missed else 'ok'}")
+                      f"{fmt(scale_ratio, 2, 5)} {fmt(e['scale_z_rms'], 2, 5)} {fmt(oracle_ratio, 2, 5)} | {'; '.join(missed) if missed else 'ok'}")
     print()
     print(f"Aberrations (RMS phase error, even without its rho^2 part; targets even <= {TARGETS['even_rad']} rad, odd <= "
           f"{TARGETS['odd_rad']} rad over 30-6.7 Å), hand, global scale factor, cost of the refinement:")
@@ -139,10 +157,11 @@ def print_results(all_results: list[dict], expected_hand: dict, header: str, bou
                 notes += [n for n in (verdict(p["even_band"], TARGETS["even_rad"], " rad (even)", digits=3),
                                       verdict(p["odd_band"], TARGETS["odd_rad"], " rad (odd)", digits=3)) if n.startswith("MISSED")]
             even = (fmt(p["even_band"], 3, 11), fmt(p["even_nyquist"], 3, 7), fmt(p["odd_band"], 3, 10), fmt(p["odd_nyquist"], 3, 7))
-            print(f"{res['key']:<3} {row['box']:>4} | {' '.join(even)} | {hands + (' ok' if hand_ok else ''):<28} | "
+            print(f"{res['tag']:<3} {row['box']:>4} | {' '.join(even)} | {hands + (' ok' if hand_ok else ''):<28} | "
                   f"{fmt(row['errors']['global_scale_factor'], 3, 7)} | {fmt(row['measure']['wall_s'], 0, 6)} {fmt(row['measure']['peak_mb'], 0, 7)} | "
                   f"{res['label']}{'  ' + '; '.join(notes) if notes else ''}")
-    box_rows = [r for res in all_results if res["key"] == "a" for r in res["rows"]]
+    print_pooled(all_results)
+    box_rows = [r for res in all_results if res["tag"] == "a" for r in res["rows"]]
     if len(box_rows) > 1:
         first = box_rows[0]["errors"]["bands"]
         print()
@@ -174,10 +193,45 @@ def print_results(all_results: list[dict], expected_hand: dict, header: str, bou
             f1 = [m[s]["fsc_0.143_angstrom"] for s in ("before", "after", "true CTF")]
             f5 = [m[s]["fsc_0.5_angstrom"] for s in ("before", "after", "true CTF")]
             v = verdict(c[1] / c[2], TARGETS["map_fraction"], " (fraction of true-CTF correlation)", larger_is_better=True, digits=3)
-            print(f"{res['key']:<3} | {fmt(c[0], 4, 11)} {fmt(c[1], 4, 7)} {fmt(c[2], 4, 8)} | {fmt(f1[0], 2, 15)} {fmt(f1[1], 2, 6)} "
+            print(f"{res['tag']:<3} | {fmt(c[0], 4, 11)} {fmt(c[1], 4, 7)} {fmt(c[2], 4, 8)} | {fmt(f1[0], 2, 15)} {fmt(f1[1], 2, 6)} "
                   f"{fmt(f1[2], 2, 6)} | {fmt(f5[0], 2, 13)} {fmt(f5[1], 2, 6)} {fmt(f5[2], 2, 6)} | "
                   f"{v} ({c[1] / c[2]:.4f}; {c[1] - c[2]:+.4f})")
     sys.stdout.flush()
+
+
+def print_pooled(all_results: list[dict]) -> None:
+    """Each recipe's errors pooled over its realisations (box 256 rows): RMS over all their tilts, so the
+    ratios to the bound scatter less than one dataset's (an RMS over 82 tilts: ~8 %)."""
+    by_key: dict[str, list[dict]] = {}
+    for res in all_results:
+        if res["rows"]:
+            by_key.setdefault(res["key"], []).append(res["rows"][0]["errors"])
+    pooled = {k: v for k, v in by_key.items() if len(v) > 1}
+    if not pooled:
+        return
+    print()
+    print("Pooled over realisations (the same recipe, other seeds: RMS over all their tilts; 'x*' as above):")
+    print()
+    head = f"{'set':<3} {'n':>2} {'band':<5} {'tilts':>5} | {'defocus x':>9} {'bias':>6} | {'scale x':>7} {'x*':>5} | verdict"
+    print(head)
+    print("-" * len(head))
+    for key, errors in pooled.items():
+        for band in errors[0]["bands"]:
+            entries = [e["bands"][band] for e in errors]
+            tilts = sum(e["tilts"] for e in entries)
+
+            def pooled_rms(name):
+                return (sum(e["tilts"] * e[name] ** 2 for e in entries) / tilts) ** 0.5
+
+            dx = pooled_rms("defocus_rmse") / pooled_rms("defocus_bound")
+            sx = pooled_rms("scale_rel_rms") / pooled_rms("scale_bound")
+            ox = pooled_rms("scale_oracle_rms") / pooled_rms("scale_bound") if all("scale_oracle_rms" in e for e in entries) else float("nan")
+            bias = sum(e["tilts"] * e["defocus_bias"] for e in entries) / tilts
+            notes = [n for n in (verdict(dx, TARGETS["defocus_ratio"], "x CRB (defocus)"),
+                                 verdict(abs(bias), TARGETS["bias_angstrom"], " Å (bias)", digits=0),
+                                 verdict(sx, TARGETS["scale_ratio"], "x CRB (scale)")) if n.startswith("MISSED")]
+            print(f"{key:<3} {len(entries):>2} {band:<5} {tilts:>5} | {fmt(dx, 2, 9)} {fmt(bias, 1, 6)} | {fmt(sx, 2, 7)} "
+                  f"{fmt(ox, 2, 5)} | {'; '.join(notes) if notes else 'ok'}")
 
 
 def main(argv=None) -> None:
@@ -193,6 +247,9 @@ def main(argv=None) -> None:
                              "accumulated again at the true CTF")
     parser.add_argument("--report", action="store_true", help="only print the table of what is already cached (no new runs)")
     parser.add_argument("--box", type=int, default=256, help="refinement box (tutorial: 256)")
+    parser.add_argument("--realisations", type=int, default=1,
+                        help="datasets per recipe (other seeds; box --box only, no maps beyond the first); a pooled table "
+                             "follows")
     args = parser.parse_args(argv)
     started = time.time()
     header = common.machine_header()
@@ -211,6 +268,9 @@ def main(argv=None) -> None:
         label, preset, overrides = datasets[key]
         boxes = [args.box] + ([384] if key == "a" and not args.no_box384 and not args.quick else [])
         results.append(run_dataset(key, label, preset, overrides, boxes, args.quick, not args.no_maps, log, args.bounds, args.report))
+        for realisation in range(1, args.realisations):
+            results.append(run_dataset(key, label, preset, overrides, [args.box], args.quick, False, log, args.bounds, args.report,
+                                       realisation=realisation))
         if not args.report:
             print_results(results, expected_hand, header, args.bounds)
     if args.report:

@@ -63,7 +63,9 @@ def child(arguments: list[str]) -> None:
     code = main(["refine", *arguments])
     wall = time.time() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print("RESULT " + json.dumps({"code": code, "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024,
+    from common import peak_resident_mb  # not ru_maxrss: Linux carries the parent's over into a child
+
+    print("RESULT " + json.dumps({"code": code, "wall_s": wall, "peak_mb": peak_resident_mb(),
                                   "cpu_s": usage.ru_utime + usage.ru_stime}), flush=True)
 
 
