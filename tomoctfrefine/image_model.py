@@ -92,7 +92,7 @@ def render_tilt_model(
     for start in range(0, len(slices), chunk):
         rows = slice(start, min(start + chunk, len(slices)))
         n = rows.stop - rows.start
-        kernels.model_spectra(np.ascontiguousarray(slices[rows, :, :columns]), np.ascontiguousarray(shifts[rows], dtype=np.float64),
+        kernels.model_spectra(slices[rows, :, :columns], np.ascontiguousarray(shifts[rows], dtype=np.float64),
                               np.ascontiguousarray(depth_phase[rows], dtype=np.float64), phasor, freq_unit2,
                               common, spectra[:n])
         if pruned:
