@@ -610,7 +610,37 @@ def backproject_slices(slices_fs, slice_weights, inverse_transposed, half_index,
 # Refinement: the profiled per-tilt likelihood (tomoctfrefine.refine.likelihood.evaluate)
 
 
-@njit(cache=True, parallel=True)
+_TWO_OVER_PI = 0.63661977236758134308
+# pi/2 in three parts (Cephes' DP1..DP3 times 2): q * _PI_OVER_2_A is exact for |q| < 2^29
+_PI_OVER_2_A = 1.57079625129699707031
+_PI_OVER_2_B = 7.54978941586159635335e-8
+_PI_OVER_2_C = 5.39030285815811905290e-15
+
+
+@njit(cache=True, inline="always")
+def _cos_sin(x):
+    """``(cos x, sin x)`` within 2.3e-16 of libm's for ``|x| < 1e4`` (Cephes' polynomials on
+    ``|r| <= pi/4`` after removing the nearest multiple of pi/2), branch-free so that loops over it
+    vectorise: 1 ns instead of 23 ns per pair when they do."""
+    q = np.floor(x * _TWO_OVER_PI + 0.5)
+    r = ((x - q * _PI_OVER_2_A) - q * _PI_OVER_2_B) - q * _PI_OVER_2_C
+    z = r * r
+    sin_r = r + r * z * (((((1.58962301576546568060e-10 * z - 2.50507477628578072866e-8) * z
+                            + 2.75573136213857245213e-6) * z - 1.98412698295895385996e-4) * z
+                          + 8.33333333332211858878e-3) * z - 1.66666666666666307295e-1)
+    cos_r = 1.0 - 0.5 * z + z * z * (((((-1.13585365213876817300e-11 * z + 2.08757008419747316778e-9) * z
+                                        - 2.75573141792967388112e-7) * z + 2.48015872888517045348e-5) * z
+                                      - 1.38888888888730564116e-3) * z + 4.16666666666665929218e-2)
+    quadrant = np.int64(q)
+    odd = (quadrant & 1) != 0
+    s = cos_r if odd else sin_r
+    c = sin_r if odd else cos_r
+    s = -s if (quadrant & 2) != 0 else s
+    c = -c if ((quadrant + 1) & 2) != 0 else c
+    return c, s
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def profiled_likelihood_terms(
     a_ss, a_sc, a_cc, b_s, b_c, delta, psi_cos, psi_sin, fixed_scale, use_fixed_scale, derivatives, psi_derivatives,
     s_p, s_r, scale, grad_delta, fisher_delta, fisher_delta_scale, grad_psi, fisher_psi,
@@ -618,20 +648,17 @@ def profiled_likelihood_terms(
     """Per tilt ``f`` (rows) and band pixel ``k`` (columns), with ``e = (cos delta, sin delta)`` and
     ``b`` rotated by ``exp(-i psi)``: ``S_P = sum e^T A e``, ``S_R = sum Re(e^T b)``, the scale
     ``max(0, -S_R/S_P)`` (or ``fixed_scale``) and, if ``derivatives``, the per-pixel gradient and
-    Gauss-Newton curvatures of ``1/2 (c^2 e^T A e + 2 c Re e^T b)`` (see refine.likelihood)."""
+    Gauss-Newton curvatures of ``1/2 (c^2 e^T A e + 2 c Re e^T b)`` (see refine.likelihood).
+
+    The cosines and sines are :func:`_cos_sin`'s and the sums run in SIMD lanes (``reassoc``): the
+    loop over a tilt's pixels vectorises (libm's sin and cos were 80 % of the time); the sums change
+    by float rounding only, and do not depend on the thread count."""
     n_tilts, n_pixels = a_ss.shape
     for f in prange(n_tilts):
-        # the derivative pass reuses the cosines and sines (they were half its time)
-        cosines = np.empty(n_pixels if derivatives else 0)
-        sines = np.empty(n_pixels if derivatives else 0)
         sp = 0.0
         sr = 0.0
         for k in range(n_pixels):
-            c = np.cos(delta[f, k])
-            s = np.sin(delta[f, k])
-            if derivatives:
-                cosines[k] = c
-                sines[k] = s
+            c, s = _cos_sin(delta[f, k])
             bs_re = psi_cos[k] * b_s[f, k].real + psi_sin[k] * b_s[f, k].imag
             bc_re = psi_cos[k] * b_c[f, k].real + psi_sin[k] * b_c[f, k].imag
             sp += a_ss[f, k] * c * c + 2.0 * a_sc[f, k] * c * s + a_cc[f, k] * s * s
@@ -648,8 +675,7 @@ def profiled_likelihood_terms(
         if not derivatives:
             continue
         for k in range(n_pixels):
-            c = cosines[k]
-            s = sines[k]
+            c, s = _cos_sin(delta[f, k])
             ass = a_ss[f, k]
             asc = a_sc[f, k]
             acc = a_cc[f, k]
