@@ -131,7 +131,20 @@ def _even_phase(box_size_px: int, pixel_size_angstrom: float, coefficients: tupl
 def tilt_gamma(tomogram, box_size_px: int, even_zernike, tilt: int) -> np.ndarray:
     """``forward.tilt_gamma(tomogram, box_size_px, even_zernike, [tilt])[0]``, with the even aberration
     phase (nine Zernike polynomials on the grid, the same for every tilt) made once per box and
-    coefficients instead of once per tilt. Equal bit for bit: ``ctf_gamma`` adds the even phase last."""
+    coefficients instead of once per tilt. Equal bit for bit: ``ctf_gamma`` adds the even phase last.
+
+    Parameters
+    ----------
+    tomogram : Tomogram
+    box_size_px : int
+    even_zernike : sequence of float or None
+        Even Zernike coefficients (RELION order, rad).
+    tilt : int
+
+    Returns
+    -------
+    ndarray, float64, shape (s, s//2+1)
+    """
     from . import forward
 
     gamma = forward.tilt_gamma(tomogram, box_size_px, (), [tilt])[0]
