@@ -848,7 +848,7 @@ def model_spectra(slices, shifts, depth_phase, gamma_phasor, freq_unit2, common,
     ``out = common * sin(gamma - depth_phase_i |k|^2) * slice_i * exp(-2 pi i k.t_i / s)``: the
     particle's model at its sub-pixel offset ``t_i`` from its box centre (the inverse of the shift that
     :func:`shift_observations` applies to an observation). Separable phase tables, as in
-    :func:`accumulate_tilt_statistics`: no trigonometry per pixel.
+    :func:`accumulate_tilt_statistics`: no trigonometry per pixel. Pixels where the slice is 0 are 0.
 
     slices : complex64 (m, s, sh) ; shifts : float64 (m, 2) ; depth_phase : float64 (m,) ;
     gamma_phasor : complex128 (s, sh) ``exp(i gamma)`` ; common : complex128 (s, sh) ; out : complex64, written
@@ -871,8 +871,12 @@ def model_spectra(slices, shifts, depth_phase, gamma_phasor, freq_unit2, common,
             phase = -depth_phase[p] * ky * ky * freq_unit2
             depth_row = complex(np.cos(phase), np.sin(phase))
             for x in range(sh):
+                sample = complex(slices[p, y, x])
+                if sample == 0:  # beyond the slice's radius (most of a low-resolution model's pixels)
+                    out[p, y, x] = 0j
+                    continue
                 sine = (gamma_phasor[y, x] * depth_columns[x] * depth_row).imag
-                value = common[y, x] * sine * complex(slices[p, y, x]) * shift_columns[x] * shift_row
+                value = common[y, x] * sine * sample * shift_columns[x] * shift_row
                 out[p, y, x] = value
 
 
