@@ -130,8 +130,8 @@ def central_slices(references, grid_size, half_index, matrices, max_radius2, out
     radius computed once. The time went to waiting for the reference's bricks (a plane through a 256³
     grid touches ~1 MB of them) and to the corner arithmetic, so each row's corners are computed
     ``_PREFETCH_ROWS`` rows ahead (:func:`_slice_row_corners`, a vectorised loop), their cache lines
-    prefetched then, and the row is interpolated from the stored corners: 1.2 -> 0.53 ms CPU per slice
-    at s = 256, the values unchanged bit for bit.
+    prefetched then (also the next brick's when ``x1`` lies in it), and the row is interpolated from the
+    stored corners: 1.2 -> 0.51 ms CPU per slice at s = 256, the values unchanged bit for bit.
 
     Parameters
     ----------
@@ -179,6 +179,12 @@ def central_slices(references, grid_size, half_index, matrices, max_radius2, out
                     _prefetch(voxels, a + corners[3, x])
                     _prefetch(voxels, a + corners[4, x])
                     _prefetch(voxels, a + corners[5, x])
+                    if corners[1, x] != corners[0, x] + 1:  # x1 in the next brick
+                        a = base + corners[1, x]
+                        _prefetch(voxels, a + corners[2, x])
+                        _prefetch(voxels, a + corners[3, x])
+                        _prefetch(voxels, a + corners[4, x])
+                        _prefetch(voxels, a + corners[5, x])
             if j < 0:
                 continue
             ky = j - half
