@@ -210,9 +210,10 @@ def print_pooled(all_results: list[dict]) -> None:
     if not pooled:
         return
     print()
-    print("Pooled over realisations (the same recipe, other seeds: RMS over all their tilts; 'x*' as above):")
+    print("Pooled over realisations (the same recipe, other seeds: RMS over all their tilts; 'z' and 'x*' as above; "
+          "'x' of all tilts is dominated by the few high-dose tilts with the largest bounds, 'z' weighs every tilt alike):")
     print()
-    head = f"{'set':<3} {'n':>2} {'band':<5} {'tilts':>5} | {'defocus x':>9} {'bias':>6} | {'scale x':>7} {'x*':>5} | verdict"
+    head = f"{'set':<3} {'n':>2} {'band':<5} {'tilts':>5} | {'defocus x':>9} {'z':>5} {'bias':>6} | {'scale x':>7} {'z':>5} {'x*':>5} | verdict"
     print(head)
     print("-" * len(head))
     for key, errors in pooled.items():
@@ -230,8 +231,9 @@ def print_pooled(all_results: list[dict]) -> None:
             notes = [n for n in (verdict(dx, TARGETS["defocus_ratio"], "x CRB (defocus)"),
                                  verdict(abs(bias), TARGETS["bias_angstrom"], " Å (bias)", digits=0),
                                  verdict(sx, TARGETS["scale_ratio"], "x CRB (scale)")) if n.startswith("MISSED")]
-            print(f"{key:<3} {len(entries):>2} {band:<5} {tilts:>5} | {fmt(dx, 2, 9)} {fmt(bias, 1, 6)} | {fmt(sx, 2, 7)} "
-                  f"{fmt(ox, 2, 5)} | {'; '.join(notes) if notes else 'ok'}")
+            print(f"{key:<3} {len(entries):>2} {band:<5} {tilts:>5} | {fmt(dx, 2, 9)} {fmt(pooled_rms('defocus_z_rms'), 2, 5)} "
+                  f"{fmt(bias, 1, 6)} | {fmt(sx, 2, 7)} {fmt(pooled_rms('scale_z_rms'), 2, 5)} {fmt(ox, 2, 5)} | "
+                  f"{'; '.join(notes) if notes else 'ok'}")
 
 
 def main(argv=None) -> None:
