@@ -270,6 +270,23 @@ def bounds_at_truth(data: Path, box: int, work: Path, log=print, in_process: boo
     return bounds
 
 
+@contextlib.contextmanager
+def true_inputs(data: Path, box: int):
+    """Inside the dataset's folder (its relative image paths resolve): the true tomogram and particle
+    sets and the true, unmasked map prepared at ``box`` as both half maps."""
+    from tomoctfrefine.io import particles as particles_io
+    from tomoctfrefine.io import tomograms as tomograms_io
+    from tomoctfrefine.io.maps import read_map
+    from tomoctfrefine.io.optimisation_set import read_optimisation_set
+    from tomoctfrefine.reference import prepare_references
+
+    with in_folder(data):
+        opt = read_optimisation_set(Path("truth") / "optimisation_set_true.star")
+        true_map, voxel = read_map(Path("ref") / "map_true.mrc")
+        yield (tomograms_io.read_tomogram_set(opt.tomograms_path), particles_io.read_particle_set(opt.particles_path),
+               prepare_references(true_map, true_map, None, box, voxel))
+
+
 def white_noise_bounds(data: Path, box: int, work: Path, log=print) -> dict:
     """Per tomogram: the Cramér-Rao bounds of issue 5's definition, from the truth of a simulated dataset.
 
@@ -284,9 +301,6 @@ def white_noise_bounds(data: Path, box: int, work: Path, log=print) -> dict:
     """
     from tomoctfrefine.io import particles as particles_io
     from tomoctfrefine.io import tomograms as tomograms_io
-    from tomoctfrefine.io.maps import read_map
-    from tomoctfrefine.io.optimisation_set import read_optimisation_set
-    from tomoctfrefine.reference import prepare_references
     from tomoctfrefine.refine.bounds import cramer_rao_bounds
     from tomoctfrefine.statistics import compute_statistics
 
@@ -297,12 +311,7 @@ def white_noise_bounds(data: Path, box: int, work: Path, log=print) -> dict:
     log(f"  white-noise Cramér-Rao bounds at the truth ({data.name}, box {box}) ...")
     truth = truth_table(data)
     sigma2 = float(truth["json"]["noise_sigma"]) ** 2
-    with in_folder(data):
-        opt = read_optimisation_set(Path("truth") / "optimisation_set_true.star")
-        tset = tomograms_io.read_tomogram_set(opt.tomograms_path)
-        pset = particles_io.read_particle_set(opt.particles_path)
-        true_map, voxel = read_map(Path("ref") / "map_true.mrc")
-        references = prepare_references(true_map, true_map, None, box, voxel)
+    with true_inputs(data, box) as (tset, pset, references):
         bounds = {}
         for name, table in truth["tomograms"].items():
             tomo = tomograms_io.tomogram(tset, name)
@@ -330,17 +339,13 @@ def oracle_scale_errors(data: Path, box: int, work: Path, log=print, cached_only
     (``cached_only``: None when it is not).
     """
     import numba
-    import scipy.fft
 
     from tomoctfrefine import forward, kernels
     from tomoctfrefine.image_model import render_tilt_model
     from tomoctfrefine.io import particles as particles_io
     from tomoctfrefine.io import tomograms as tomograms_io
-    from tomoctfrefine.io.maps import read_map
-    from tomoctfrefine.io.optimisation_set import read_optimisation_set
     from tomoctfrefine.physics.geometry import fourier_grid_per_angstrom
     from tomoctfrefine.physics.zernike import odd_phase_rad
-    from tomoctfrefine.reference import prepare_references
     from tomoctfrefine.simulate import noise_realisation, parameters_from_truth
 
     cache = Path(work) / "oracle.json"
@@ -354,14 +359,9 @@ def oracle_scale_errors(data: Path, box: int, work: Path, log=print, cached_only
     sigma = float(truth["json"]["noise_sigma"])
     workers = numba.get_num_threads()
     errors = {}
-    with in_folder(data):
-        opt = read_optimisation_set(Path("truth") / "optimisation_set_true.star")
-        tset = tomograms_io.read_tomogram_set(opt.tomograms_path)
-        pset = particles_io.read_particle_set(opt.particles_path)
-        true_map, voxel = read_map(Path("ref") / "map_true.mrc")
-        references = prepare_references(true_map, true_map, None, box, voxel)
+    with true_inputs(data, box) as (tset, pset, references):
         even, odd = particles_io.optics_zernike(pset, 1)
-        fx, fy = fourier_grid_per_angstrom(box, voxel)
+        fx, fy = fourier_grid_per_angstrom(box, references.pixel_size_angstrom)
         odd_phase = odd_phase_rad(odd, fx, fy) if any(odd) else None
         for index, (name, table) in enumerate(truth["tomograms"].items()):
             tomo = tomograms_io.tomogram(tset, name)
