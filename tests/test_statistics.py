@@ -194,3 +194,15 @@ def test_simulated_noisy_images_reach_the_correlation_the_noise_allows(single_pa
     assert correlation["noisy"] == pytest.approx(allowed, abs=0.01)
     scale = -d["noisy"].b_s.real.sum(axis=(1, 2)) / d["noisy"].a_ss.sum(axis=(1, 2))
     assert np.sqrt(np.mean((scale / d["scale"] - 1) ** 2)) < 0.03
+
+
+def test_box_transform_into_a_buffer_equals_scipys_rfft2():
+    """compute_statistics writes the boxes' FFT into a reused buffer through scipy's pocketfft binding (a
+    private module): if a scipy release changes its meaning, this catches it before any statistics do."""
+    import scipy.fft
+
+    from tomoctfrefine.statistics import _rfft2
+
+    boxes = np.random.default_rng(4).standard_normal((3, 64, 64)).astype(np.float32)
+    out = np.empty((3, 64, 33), dtype=np.complex64)
+    np.testing.assert_array_equal(_rfft2(boxes, out, 2), scipy.fft.rfft2(boxes, norm="ortho", workers=2).astype(np.complex64))
