@@ -101,7 +101,8 @@ def _hand_figure(plt, summary: dict):
     names = list(summary["tomograms"])
     gains = [summary["tomograms"][n].get("hand", {}).get("log_likelihood_gain", 0.0) for n in names]
     figure, axis = plt.subplots(figsize=(6, 3))
-    axis.bar(names, gains, color=["C2" if g >= 0 else "C3" for g in gains])
+    labels = [f"{n}\n(opposite hand adopted)" if summary["tomograms"][n].get("hand", {}).get("adopted") else n for n in names]
+    axis.bar(labels, gains, color=["C2" if g >= 0 else "C3" for g in gains])
     axis.axhline(0, color="k", lw=0.8)
     axis.set_ylabel("log-likelihood: input hand - flipped")
     axis.set_title("handedness check (positive: the input hand fits better)")
