@@ -20,6 +20,7 @@ pre_exposure_e_per_angstrom2, bfactor_per_electron_dose_angstrom2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import scipy.fft
@@ -78,13 +79,23 @@ def _per_tilt(tomogram, name: str, default: float) -> np.ndarray:
     return np.broadcast_to(np.asarray(values, dtype=float), (n_tilts,))
 
 
+@lru_cache(maxsize=8)
+def _even_phase(box_size_px: int, pixel_size_angstrom: float, coefficients: tuple) -> np.ndarray:
+    """The even aberration phase on the ``rfft2`` grid (read-only): the same for every tilt, so made once
+    per box and coefficients (callers ask for it tilt by tilt)."""
+    fx, fy = fourier_grid_per_angstrom(box_size_px, pixel_size_angstrom)
+    phase = even_phase_rad(list(coefficients), fx, fy)
+    phase.flags.writeable = False
+    return phase
+
+
 def tilt_gamma(tomogram, box_size_px: int, even_zernike: np.ndarray | list = (), tilts=None) -> np.ndarray:
     """CTF phase of each tilt at the tomogram centre incl. the even aberration phase,
     ``(n_tilts, s, s//2+1)`` (or only ``tilts``); a particle at depth offset ``dz`` has
     ``gamma - pi lambda dz |k|^2``."""
     fx, fy = fourier_grid_per_angstrom(box_size_px, tomogram.pixel_size_angstrom)
-    even_zernike = () if even_zernike is None else even_zernike
-    even = even_phase_rad(list(even_zernike), fx, fy) if len(even_zernike) else 0.0
+    coefficients = tuple(float(c) for c in (() if even_zernike is None else even_zernike))
+    even = _even_phase(int(box_size_px), float(tomogram.pixel_size_angstrom), coefficients) if any(coefficients) else 0.0
     phase_shift = _per_tilt(tomogram, "phase_shift_deg", 0.0)
     tilts = range(len(phase_shift)) if tilts is None else tilts
     return np.stack([

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from .statistics import TiltStatistics, tilt_gamma
+from .statistics import TiltStatistics
 
 #: Finest detail the neighbour model renders (Å): beyond it the particles' signal in a box is far below
 #: the noise (at the true CTF of the accuracy set, the scale fitted on 12 Å to Nyquist scatters as the
@@ -73,7 +73,7 @@ def render_tilt_model(
     out = np.zeros((height, width), dtype=np.float32)
     if not len(slices):
         return out
-    gamma = tilt_gamma(tomogram, s, even_zernike, tilt)
+    gamma = forward.tilt_gamma(tomogram, s, even_zernike, [tilt])[0]
     damping = forward.tilt_damping(tomogram, s, [tilt])[0]
     common = -scale * -forward.prediction_normalisation(s) * damping
     common = common * np.exp(1j * odd_phase_rad) if odd_phase_rad is not None else common.astype(np.complex128)

@@ -623,8 +623,8 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
     accumulated at the latest CTF with their own noise weights, and each particle's own model is added
     back to its statistics (:func:`tomoctfrefine.image_model.with_own_particles`): what remains in a box
     besides its particle is the noise and the model's error, not the neighbours' signal. The defocus is
-    then refitted locally from the latest CTF (no scan, over the scale's band: from 3 px, not from
-    ``--kmin``), and the scale taken at that defocus.
+    then refitted locally from the latest CTF (no scan, over the scale's band: from
+    ``MODELLED_SCALE_LOWEST_RADIUS_PX``, not from ``--kmin``), and the scale taken at that defocus.
 
     ``neighbour_references`` is :func:`_neighbour_references`' result; ``accumulated``, ``delta`` and
     ``odd_phase`` are the tomogram's statistics and the latest CTF's phases relative to them (used beyond

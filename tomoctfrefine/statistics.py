@@ -30,7 +30,6 @@ so every fit runs on these arrays, never on images. The statistics for the oppos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from pathlib import Path
 
@@ -115,43 +114,6 @@ class TiltStatistics:
             if with_flipped_hand and "flipped_a_ss" in data:
                 flipped = cls(**{n: data[f"flipped_{n}"] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common)
             return cls(**{n: data[n] for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")}, **common, flipped_hand=flipped)
-
-
-@lru_cache(maxsize=8)
-def _even_phase(box_size_px: int, pixel_size_angstrom: float, coefficients: tuple) -> np.ndarray:
-    from .physics.geometry import fourier_grid_per_angstrom
-    from .physics.zernike import even_phase_rad
-
-    fx, fy = fourier_grid_per_angstrom(box_size_px, pixel_size_angstrom)
-    phase = even_phase_rad(list(coefficients), fx, fy)
-    phase.flags.writeable = False
-    return phase
-
-
-def tilt_gamma(tomogram, box_size_px: int, even_zernike, tilt: int) -> np.ndarray:
-    """``forward.tilt_gamma(tomogram, box_size_px, even_zernike, [tilt])[0]``, with the even aberration
-    phase (nine Zernike polynomials on the grid, the same for every tilt) made once per box and
-    coefficients instead of once per tilt. Equal bit for bit: ``ctf_gamma`` adds the even phase last.
-
-    Parameters
-    ----------
-    tomogram : Tomogram
-    box_size_px : int
-    even_zernike : sequence of float or None
-        Even Zernike coefficients (RELION order, rad).
-    tilt : int
-
-    Returns
-    -------
-    ndarray, float64, shape (s, s//2+1)
-    """
-    from . import forward
-
-    gamma = forward.tilt_gamma(tomogram, box_size_px, (), [tilt])[0]
-    coefficients = tuple(float(c) for c in (() if even_zernike is None else even_zernike))
-    if any(coefficients):
-        gamma = gamma + _even_phase(int(box_size_px), float(tomogram.pixel_size_angstrom), coefficients)
-    return gamma
 
 
 def _empty_like_statistics(n_tilts: int, box_size_px: int, with_oo: bool = True, single: bool = False) -> dict:
@@ -285,7 +247,7 @@ def compute_statistics(
             array.fill(0)
         image = np.array(tilt_images[f], dtype=np.float32)
         release_pages(tilt_images)  # a mapped stack would otherwise become resident whole
-        gamma = tilt_gamma(tomogram, s, even_zernike, f)
+        gamma = forward.tilt_gamma(tomogram, s, even_zernike, [f])[0]
         damping = forward.tilt_damping(tomogram, s, [f])[0]
         weight = np.array(weights[f], dtype=np.float64)
         weight[0, 0] = 0.0
@@ -300,7 +262,7 @@ def compute_statistics(
             reach = max(forward.delocalisation_px(gamma - e * k2_grid, signal) for e in extremes)
             padded = forward.window_padding_px(s, particle_radius, reach)
         if padded:
-            padded_gamma = tilt_gamma(tomogram, padded, even_zernike, f)
+            padded_gamma = forward.tilt_gamma(tomogram, padded, even_zernike, [f])[0]
             outputs = 4 if flipped is not None else 2
             step = max(1, int(chunk_megabytes * 2**20 / (padded * padded * 4 * (2 * outputs + 2))))
             for start in range(0, len(rows), step):
