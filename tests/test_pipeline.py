@@ -190,3 +190,16 @@ def test_refining_the_relion_fixture_writes_what_relion_wrote(tmp_path):
     assert set(theirs_p.blocks["optics"].columns) <= set(ours_p.blocks["optics"].columns)
     even = ours_p.blocks["optics"]["rlnEvenZernike"].iloc[0]
     assert even.startswith("[") and len(even.strip("[]").split(",")) == 9
+
+
+@pytest.mark.parametrize("flags, steps", [
+    (dict(do_defocus=True), ["prepare", "refine_defocus", "write_outputs"]),
+    (dict(do_scale=True, check_hand=False), ["prepare", "refine_scale", "write_outputs"]),
+    (dict(do_scale=True), ["prepare", "refine_defocus", "refine_scale", "write_outputs"]),
+    (dict(do_defocus=True, do_scale=True, do_even_aberrations=True, assess=True),
+     ["prepare", "refine_defocus", "refine_aberrations", "refine_scale", "write_outputs", "assess_refinement"]),
+    (dict(do_odd_aberrations=True, check_hand=False), ["prepare", "refine_aberrations", "write_outputs"]),
+])
+def test_plan_orders_the_steps_once(flags, steps):
+    """The hand check runs in the defocus step even without --do_defocus; the scale is fitted once, last."""
+    assert pipeline.plan(pipeline.RefineOptions(box_size_px=64, **flags)) == steps

@@ -6,9 +6,11 @@ Scipion protocol all call these functions).
     prepare(opt, options, out_dir)     validate, then per tomogram: sufficient statistics (the only
                                        step that reads images; spread over MPI ranks)
     refine_defocus(out_dir)            per tomogram: defocus, astigmatism, per-tilt scale estimate
-    refine_scale(out_dir)              scale model (per frame, Beer-Lambert per tomogram or global)
     refine_aberrations(out_dir)        per optics group: even/odd Zernike, jointly with defocus and scale
+    refine_scale(out_dir)              scale model (per frame, Beer-Lambert per tomogram or global)
     write_outputs(out_dir)             RELION files, summary.json, plots, logfile.pdf
+
+:func:`plan` says which of them a run needs, in this order.
 
 Every step reads what the previous steps saved under ``out_dir/temp`` and saves its own results
 atomically, so a run killed at any moment and resumed (``--only_do_unfinished``) writes exactly what an
@@ -810,8 +812,6 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
     run = Run.load(out_dir)
     if not world.is_leader:
         world.barrier()
-        if run.options.do_scale:
-            refine_scale(out_dir, world)  # the leader refits the scale after the joint fit: meet its barrier
         return
     options = run.options
     data = _Inputs(run)
@@ -854,11 +854,8 @@ def refine_aberrations(out_dir, world: World | None = None) -> None:
                      odd_phase_per_pixel=fit.odd_phase_per_pixel, odd_phase_fit=fit.odd_phase_fit)
         _log(run, f"aberrations: optics group {group}: even {np.round(fit.even_coefficients, 2).tolist()}, "
                   f"odd {np.round(fit.odd_coefficients, 2).tolist()}, {time.time() - started:.1f} s")
-        del statistics, fit  # not alive during the next group or the scale refit
+        del statistics, fit  # not alive during the next group or the scale step
     world.barrier()
-    if options.do_scale:
-        # the joint fit updated every tilt's scale estimate: refit the scale model on it
-        refine_scale(out_dir, world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1019,24 +1016,49 @@ def _tilt_angles(tomo) -> np.ndarray:
 # Everything
 
 
+#: Every step, in the order they run. :func:`plan` picks the ones a run needs.
+STEPS = ("prepare", "refine_defocus", "refine_aberrations", "refine_scale", "write_outputs", "assess_refinement")
+
+
+def plan(options: RefineOptions) -> list[str]:
+    """The steps a refinement with ``options`` runs, in order (names of this module's step functions).
+
+    The CLI, the Python API (:func:`run_refinement`) and the Scipion protocol all follow this plan.
+    The defocus step also runs the hand check, so it runs whenever the hand is checked. The scale step
+    comes last of the fits: it fits the scale model at the final CTF (after the aberrations' joint fit).
+    """
+    wanted = {
+        "prepare": True,
+        "refine_defocus": options.do_defocus or options.check_hand,
+        "refine_aberrations": options.do_aberrations,
+        "refine_scale": options.do_scale,
+        "write_outputs": True,
+        "assess_refinement": options.assess,
+    }
+    return [step for step in STEPS if wanted[step]]
+
+
+def run_step(step: str, out_dir, world: World | None = None):
+    """Run one step of the plan after ``prepare`` (which needs the inputs: call :func:`prepare`)."""
+    if step not in STEPS or step == "prepare":
+        raise ValueError(f"unknown step {step!r}: expected one of {STEPS[1:]}")
+    world = world or World()
+    if step == "assess_refinement":
+        return assess_refinement(out_dir) if world.is_leader else None
+    return globals()[step](out_dir, world)
+
+
 def run_refinement(opt, options: RefineOptions, out_dir, command_line: str = "") -> Path:
-    """Run every requested step (the CLI's ``refine``) and return the output optimisation set."""
+    """Run every step of :func:`plan` (the CLI's ``refine``) and return the output optimisation set."""
     world = World()
     with world.guard():
         started = time.time()
         prepare(opt, options, out_dir, command_line, world)
-        if options.do_defocus or options.check_hand:
-            refine_defocus(out_dir, world)
-        if options.do_scale and not options.do_aberrations:
-            refine_scale(out_dir, world)  # with aberrations, their step fits the scale at the final CTF
-        if options.do_aberrations:
-            refine_aberrations(out_dir, world)
-        out = write_outputs(out_dir, world)
-        if options.assess and world.is_leader:
-            assess_refinement(out_dir)
+        for step in plan(options)[1:]:
+            run_step(step, out_dir, world)
         if world.is_leader:
             _log(Path(out_dir), f"finished in {time.time() - started:.1f} s")
-        return out
+        return Path(out_dir) / "optimisation_set.star"
 
 
 def assess_refinement(out_dir) -> dict:
