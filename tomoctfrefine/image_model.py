@@ -132,3 +132,122 @@ def merged_statistics(inner: TiltStatistics, outer: TiltStatistics, radius_px: f
     return TiltStatistics(*(pick(getattr(inner, n), getattr(outer, n)) for n in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo")),
                           particle_count=inner.particle_count, box_size_px=inner.box_size_px,
                           pixel_size_angstrom=inner.pixel_size_angstrom)
+
+
+def neighbour_removed_statistics(
+    tomogram,
+    images: np.ndarray,
+    positions_px: np.ndarray,
+    rotations: np.ndarray,
+    half_sets: np.ndarray,
+    trajectory_shifts_angstrom: np.ndarray | None,
+    scale: np.ndarray,
+    tilts: np.ndarray,
+    references,
+    cutoff_weight: np.ndarray,
+    model_radius_px: float,
+    even_zernike,
+    odd_phase_rad: np.ndarray | None,
+    outer: TiltStatistics,
+    *,
+    per_frame_noise: bool = False,
+    scratch_path=None,
+) -> TiltStatistics:
+    """A tomogram's statistics with its particles' neighbours removed from every box.
+
+    Every particle is rendered at ``tomogram``'s CTF and the per-tilt ``scale``
+    (:func:`render_tilt_model`), the tilt images minus that model are accumulated with their own noise
+    weights, and each particle's own model is added back (:func:`with_own_particles`); beyond
+    ``model_radius_px`` the sums are ``outer``'s (the statistics accumulated at the input CTF, taken to
+    ``tomogram``'s CTF).
+
+    Parameters
+    ----------
+    tomogram : Tomogram
+        At the CTF to render and accumulate with.
+    images : ndarray (n_tilts, H, W)
+        The tilt images (a memory-mapped stack is read one tilt at a time).
+    positions_px, rotations, half_sets, trajectory_shifts_angstrom :
+        The particles, as :func:`tomoctfrefine.statistics.compute_statistics` takes them.
+    scale : ndarray (n_tilts,)
+        Contrast scale of each tilt to render with.
+    tilts : ndarray of int
+        The tilts to model and accumulate (the others get empty sums).
+    references : PreparedReferences
+        Cropped to ``model_radius_px`` or beyond.
+    cutoff_weight : ndarray (s, s//2+1)
+        The reference's frequency weight (multiplies the residual's noise weights).
+    model_radius_px : float
+        The neighbour model's radius (Fourier pixels of the box).
+    even_zernike, odd_phase_rad :
+        The aberrations to render and accumulate with.
+    outer : TiltStatistics
+        Used beyond ``model_radius_px``.
+    per_frame_noise : bool
+        Noise spectrum per tilt (``--per_frame_noise``).
+    scratch_path : path or None
+        Where the residual stack is kept while it is accumulated (in memory if None). Its blocks are
+        allocated before it is mapped, so that a full disk is an ``OSError`` here and not a ``SIGBUS``
+        at the first write.
+    """
+    import os
+
+    import numba
+
+    from . import forward, kernels
+    from . import reference as reference_mod
+    from .io.maps import release_pages
+    from .statistics import compute_statistics
+
+    s = outer.box_size_px
+    n_tilts, height, width = images.shape
+    image_positions = forward.image_positions_px(tomogram, positions_px, trajectory_shifts_angstrom)
+    matrices = forward.particle_matrices(tomogram, rotations)
+    depth_phase = np.pi * tomogram.optics.wavelength_angstrom * forward.depth_defocus_angstrom(tomogram, positions_px)
+    selected = set(np.asarray(tilts, dtype=int).tolist())
+    if scratch_path is None:
+        residual = np.empty(images.shape, dtype=np.float32)
+    else:
+        from pathlib import Path
+
+        scratch_path = Path(scratch_path)
+        scratch_path.parent.mkdir(parents=True, exist_ok=True)
+        header_bytes = 128  # .npy v1 header of a 3-d float32 array; open_memmap extends the file as needed
+        with open(scratch_path, "wb") as handle:
+            os.posix_fallocate(handle.fileno(), 0, header_bytes + residual_bytes(images.shape))
+        residual = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float32, shape=images.shape)
+    try:
+        workers = numba.get_num_threads()
+        for f in range(n_tilts):
+            image = np.array(images[f], dtype=np.float32)
+            release_pages(images)
+            centres = image_positions[:, f, :2]
+            near = np.nonzero(np.all((centres > -s / 2) & (centres < np.array([width, height]) + s / 2), axis=1))[0]
+            if f in selected and len(near):
+                slices = np.empty((len(near), s, s // 2 + 1), dtype=np.complex64)
+                kernels.central_slices(references.bricks, references.grid_size, np.asarray(half_sets[near], dtype=np.int64) - 1,
+                                       np.ascontiguousarray(matrices[near, f]), model_radius_px**2, slices)
+                image -= render_tilt_model(tomogram, f, image_positions[near, f], slices, depth_phase[near, f], float(scale[f]),
+                                           even_zernike, odd_phase_rad, (height, width), workers=workers,
+                                           max_radius_px=model_radius_px)
+            residual[f] = image
+            release_pages(residual)
+        if scratch_path is not None:
+            residual.flush()
+        inside = reference_mod.radius_px(s) <= model_radius_px
+        weights = reference_mod.noise_weights(residual, s, per_frame=per_frame_noise) * (cutoff_weight * inside)[None]
+        statistics = compute_statistics(tomogram, residual, positions_px, rotations, half_sets, references, weights,
+                                        even_zernike, trajectory_shifts_angstrom=trajectory_shifts_angstrom,
+                                        tilts=sorted(selected))
+    finally:
+        del residual
+        if scratch_path is not None:
+            scratch_path.unlink(missing_ok=True)
+    statistics = with_own_particles(statistics, scale, odd_phase_rad)
+    return merged_statistics(statistics, outer, model_radius_px)
+
+
+def residual_bytes(image_stack_shape: tuple[int, int, int]) -> int:
+    """Bytes of the float32 residual stack :func:`neighbour_removed_statistics` keeps."""
+    n, h, w = image_stack_shape
+    return 4 * n * h * w

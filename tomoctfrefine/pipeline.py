@@ -636,18 +636,12 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
     -------
     (estimate, information, polished) : the scale evidence and a DefocusFit (or None).
     """
-    import numba
-
-    from . import forward, kernels
-    from . import reference as reference_mod
-    from .image_model import merged_statistics, render_tilt_model, with_own_particles
+    from .image_model import neighbour_removed_statistics
     from .io import particles as particles_io
     from .io import tomograms as tomograms_io
-    from .io.maps import release_pages
     from .io.trajectories import read_trajectories
     from .refine import defocus as defocus_mod
     from .refine.scale import MODELLED_SCALE_LOWEST_RADIUS_PX, scale_band, scale_evidence
-    from .statistics import compute_statistics
 
     options = run.options
     references, cutoff, model_radius = neighbour_references
@@ -663,41 +657,10 @@ def _neighbour_scale_evidence(run: Run, data: _Inputs, name: str, neighbour_refe
     s = options.box_size_px
     scale = np.where(first_estimate[1] > 0, first_estimate[0], tomo.ctf_scale)
     selected = np.nonzero(data.frame_range(tomo.tilt_count))[0]
-
-    images = tomograms_io.load_tilt_images(tomo)
-    n_tilts, height, width = images.shape
-    image_positions = forward.image_positions_px(tomo, positions, shifts)
-    matrices = forward.particle_matrices(tomo, rotations)
-    depth_phase = np.pi * tomo.optics.wavelength_angstrom * forward.depth_defocus_angstrom(tomo, positions)
-    max_radius2 = model_radius**2
-    residual_path = run.temp / "scale" / f".{name}.residual.npy"
-    residual_path.parent.mkdir(parents=True, exist_ok=True)
-    residual = np.lib.format.open_memmap(residual_path, mode="w+", dtype=np.float32, shape=images.shape)
-    try:
-        workers = numba.get_num_threads()
-        for f in range(n_tilts):
-            image = np.array(images[f], dtype=np.float32)
-            release_pages(images)
-            centres = image_positions[:, f, :2]
-            near = np.nonzero(np.all((centres > -s / 2) & (centres < np.array([width, height]) + s / 2), axis=1))[0]
-            if f in selected and len(near):
-                slices = np.empty((len(near), s, s // 2 + 1), dtype=np.complex64)
-                kernels.central_slices(references.bricks, references.grid_size, np.asarray(halves[near], dtype=np.int64) - 1,
-                                       np.ascontiguousarray(matrices[near, f]), max_radius2, slices)
-                image -= render_tilt_model(tomo, f, image_positions[near, f], slices, depth_phase[near, f], float(scale[f]),
-                                           even, odd_phase, (height, width), workers=workers, max_radius_px=model_radius)
-            residual[f] = image
-            release_pages(residual)
-        residual.flush()
-        inside = reference_mod.radius_px(s) <= model_radius
-        weights = reference_mod.noise_weights(residual, s, per_frame=options.per_frame_noise) * (cutoff * inside)[None]
-        statistics = compute_statistics(tomo, residual, positions, rotations, halves, references, weights, even,
-                                        trajectory_shifts_angstrom=shifts, tilts=selected.tolist())
-    finally:
-        del residual
-        residual_path.unlink(missing_ok=True)
-    statistics = with_own_particles(statistics, scale, odd_phase)
-    statistics = merged_statistics(statistics, accumulated.with_phase_change(delta), model_radius)
+    statistics = neighbour_removed_statistics(
+        tomo, tomograms_io.load_tilt_images(tomo), positions, rotations, halves, shifts, scale, selected, references,
+        cutoff, model_radius, even, odd_phase, accumulated.with_phase_change(delta),
+        per_frame_noise=options.per_frame_noise, scratch_path=run.temp / "scale" / f".{name}.residual.npy")
     band = scale_band(s, tomo.pixel_size_angstrom, lowest_radius_px=MODELLED_SCALE_LOWEST_RADIUS_PX)
     if not options.do_defocus:
         estimate, information = scale_evidence(statistics, odd_phase_rad=odd_phase, band=band)
