@@ -169,12 +169,40 @@ def test_v5_write_then_read_is_identical(tset, tmp_path):
     assert T.tomogram(again, "TS_01").stack_path.resolve() == (FIXTURE / "tilt_series" / "TS_01.mrc")
 
 
-def test_relion_job_prefix_is_removed_from_tilt_series_paths(tset, tmp_path):
+def _written_tilt_series_files(tset, tmp_path, input_path: str) -> list[str]:
+    """The per-tilt-series files written (relative to the output folder) for an input set whose
+    ``rlnTomoTiltSeriesStarFile`` is ``input_path``, and check tomograms.star names exactly those."""
     table = tset.global_table.copy()
-    table["rlnTomoTiltSeriesStarFile"] = ["CtfRefine/job012/tilt_series/TS_01.star"]
+    table["rlnTomoTiltSeriesStarFile"] = [input_path]
     moved = T.TomogramSet(table, tset.tilt_tables, 5, tset.path, tset.version, tset.tilt_paths)
-    T.write_tomogram_set(moved, tmp_path)
-    assert (tmp_path / "tilt_series" / "TS_01.star").exists()
+    out = tmp_path / "out"
+    written = T.read_tomogram_set(T.write_tomogram_set(moved, out))
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.star") if p.name != "tomograms.star")
+    assert [Path(p).relative_to(out).as_posix() for p in written.global_table["rlnTomoTiltSeriesStarFile"]] == files
+    return files
+
+
+@pytest.mark.parametrize("input_path, expected", [
+    ("CtfRefine/job012/tilt_series/TS_01.star", "tilt_series/TS_01.star"),
+    ("AlignTiltSeries/job005/ts/nested/TS_01.star", "ts/nested/TS_01.star"),   # RELION keeps the rest
+    ("Tomograms/job003/TS_01.star", "TS_01.star"),
+])
+def test_relion_job_prefix_is_removed_from_tilt_series_paths(tset, tmp_path, input_path, expected):
+    assert _written_tilt_series_files(tset, tmp_path, input_path) == [expected]
+
+
+@pytest.mark.parametrize("input_path", [
+    "Runs/000123_ProtTomoCtfRefine/extra/input/tilt_series/TS_01.star",  # a Scipion run: no X/jobNNN/
+    "my_dataset/ts/TS_01.star",
+    "TS_01.star",
+    "/data/project/tilt_series/TS_01.star",
+    "../elsewhere/TS_01.star",
+    "CtfRefine/job012/../TS_01.star",
+])
+def test_tilt_series_paths_outside_relion_layout_go_to_tilt_series_folder(tset, tmp_path, input_path):
+    """A path not in RELION's X/jobNNN/ layout would nest the outputs under the input's folders
+    (extra/Runs/<run>/extra/... for a Scipion input): it is written as tilt_series/<name>.star."""
+    assert _written_tilt_series_files(tset, tmp_path, input_path) == ["tilt_series/TS_01.star"]
 
 
 def test_relion_written_tomogram_set_reads(tset):

@@ -382,12 +382,20 @@ _JOB_PREFIX = re.compile(r"^[^/]+/job\d+/")
 
 
 def _tilt_series_relative_path(written: str, name: str) -> Path:
-    """RELION's output name of a per-tilt-series file: the input path without a leading ``X/jobNNN/``."""
-    text = _JOB_PREFIX.sub("", str(written))
-    path = Path(text)
-    if path.is_absolute() or ".." in path.parts:
-        return Path("tilt_series") / f"{name}.star"
-    return path
+    """Where the per-tilt-series file of tomogram ``name`` goes, relative to the output folder.
+
+    An input path in RELION's project layout, ``X/jobNNN/<rest>``, gives ``<rest>`` (RELION 5 strips
+    the leading job folder, so ``AlignTiltSeries/job005/tilt_series/TS_01.star`` is written as
+    ``tilt_series/TS_01.star``). Any other path (a Scipion run's ``Runs/000123_Prot.../extra/...``, a
+    dataset outside a RELION project, an absolute path) gives ``tilt_series/<name>.star``: RELION
+    would keep such a path whole and nest the outputs under the input's folders.
+    """
+    match = _JOB_PREFIX.match(str(written))
+    if match is not None:
+        rest = Path(str(written)[match.end():])
+        if rest.parts and not rest.is_absolute() and ".." not in rest.parts:
+            return rest
+    return Path("tilt_series") / f"{name}.star"
 
 
 def _cwd_path(path: Path) -> str:
@@ -416,8 +424,9 @@ def _portable_image_paths(tset: TomogramSet, table: pd.DataFrame, bases: list) -
 def write_tomogram_set(tset: TomogramSet, out_dir: PathLike, file_name: str = "tomograms.star") -> Path:
     """Write a tomogram set into ``out_dir`` in its own format, atomically.
 
-    v5: ``<out_dir>/<rel>`` per tilt series (``<rel>`` = the input ``rlnTomoTiltSeriesStarFile``
-    without a leading ``X/jobNNN/``, as RELION does) and ``<out_dir>/tomograms.star`` whose
+    v5: ``<out_dir>/<rel>`` per tilt series (``<rel>``: the input ``rlnTomoTiltSeriesStarFile``
+    without its leading ``X/jobNNN/`` when it has one, as RELION does, else ``tilt_series/<name>.star``;
+    see :func:`_tilt_series_relative_path`) and ``<out_dir>/tomograms.star`` whose
     ``rlnTomoTiltSeriesStarFile`` points at them (as ``out_dir``/``rel``). v4: one file.
 
     Returns
