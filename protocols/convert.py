@@ -20,8 +20,19 @@ Conventions (see shared/spec/scipion_plugin.md §c-d):
   ``T = [A | -origin/pixel]``, ``A = euler_zyz(rot, tilt, psi)`` RELION's rotation (reliontomo's
   ``genTransformMatrix``). :func:`relion_angles_and_origin` inverts it exactly (reliontomo's own
   reverse function mixes the rotation into the shifts; we do not copy that).
+  Tilt-image matrices are IMOD's ``.xf`` rows as scipion-em-imod reads them (``[[A11, A12, DX],
+  [A21, A22, DY], [0, 0, 1]]``, shifts in tilt-series pixels; scipion-em-aretomo builds the same form
+  from an ``.aln``: ``A = R(-ROT)``, ``D = -A (TX, TY)``), so ``rlnTomoZRot`` is AreTomo's ROT and the
+  RELION shifts are its (TX, TY) in Å.
 * Positions: RELION 5 centred Å = (bin-1 px from the tomogram corner - size/2) * pixel size, with the
-  corner position ``coordinate.getX(BOTTOM_LEFT_CORNER) * coordinates_px / tilt_series_px``.
+  corner position ``coordinate.getX(BOTTOM_LEFT_CORNER) * coordinates_px / tilt_series_px`` (tomograms
+  and coordinates at any binning). A subtomogram's coordinate is in pixels of its coordinate set, its
+  transform's shifts in pixels of the subtomogram set (scipion-em-tomo's ``SubTomogram``).
+* Optics groups: a particle's ``_rlnOpticsGroup`` (scipion-em-relion's attribute; scipion-em-reliontomo's
+  ``_opticsGroupId``), else one group per distinct tilt-series optics; the group names and Zernike
+  coefficients come from the set's optics table, kept as STAR text in ``opticsGroupInfo`` (the
+  acquisition's, as scipion-em-relion does; a coordinate set's ``_opticsGroupInfo``). The output
+  particles carry the refined table the same way, and their ``_rlnOpticsGroup``.
 """
 from __future__ import annotations
 
@@ -38,13 +49,19 @@ from tomoctfrefine.io.star import StarDocument, parse_vector, read_star, write_s
 from tomoctfrefine.io.paths import resolve_path
 
 TILT_ORDER_FILE = "tilt_order.json"
-OPTICS_GROUP_NAME = "optics1"
+OPTICS_GROUPS_FILE = "optics_groups.json"
 #: Extra attributes we add to Scipion objects (names start with ``_`` as Scipion's do).
 ATTR_XTILT = "_tomoXTilt"
 ATTR_NOMINAL_TILT = "_tomoNominalTilt"
 ATTR_CTF_SCALE = "_ctfScale"
 ATTR_DEFOCUS_SIGMA = "_defocusUncertainty"
 ATTR_HALF_SET = "_rlnRandomSubset"
+#: A particle's optics group: scipion-em-relion's attribute, then scipion-em-reliontomo's.
+ATTR_OPTICS_GROUP = "_rlnOpticsGroup"
+OPTICS_GROUP_ATTRIBUTES = (ATTR_OPTICS_GROUP, "_opticsGroupId")
+#: The optics table (STAR text) of a coordinate set, which has no acquisition to hold scipion-em-relion's
+#: ``opticsGroupInfo``.
+ATTR_OPTICS_INFO = "_opticsGroupInfo"
 
 
 # ----------------------------------------------------------------------------------------- geometry
@@ -102,6 +119,7 @@ class ConvertedInputs:
     particles: Path
     tilt_order: dict = field(default_factory=dict)
     skipped_particles: int = 0
+    optics_groups: dict = field(default_factory=dict)
 
 
 def _relpath(path: str | os.PathLike) -> str:
@@ -179,24 +197,68 @@ def tomogram_size_bin1_px(tomogram, tilt_series_pixel_angstrom: float) -> tuple[
     return tuple(int(round(d * factor)) for d in tomogram.getDim())
 
 
+@dataclass
+class ParticleItem:
+    """One Scipion particle, as the conversion needs it (plain values: Scipion's set iterators reuse
+    one object, so nothing of it is kept).
+
+    ``corner_px`` is the position from the tomogram's corner (scipion-em-tomo's ``BOTTOM_LEFT_CORNER``)
+    in pixels of ``coordinate_px``, the coordinate set's sampling rate (a subtomogram's coordinate is not
+    rescaled when it is extracted); ``shift_px`` is the pixel size of the transform's shifts (the
+    subtomogram set's sampling rate for subtomograms, the coordinates' for coordinates).
+    ``half_set`` and ``optics_group`` are None when the particle carries none.
+    """
+
+    ts_id: str
+    corner_px: np.ndarray
+    matrix_relion: np.ndarray
+    coordinate_px: float
+    shift_px: float
+    half_set: int | None
+    optics_group: int | None
+
+
+def _attribute_int(objects, names) -> int | None:
+    """The first of the attributes ``names`` found on any of ``objects``, as an int (None if absent)."""
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if value is not None and hasattr(value, "get") and value.get() is not None:
+                return int(value.get())
+    return None
+
+
+def _corner_px(coord) -> np.ndarray:
+    from tomo.constants import BOTTOM_LEFT_CORNER
+
+    return np.array([coord.getX(BOTTOM_LEFT_CORNER), coord.getY(BOTTOM_LEFT_CORNER), coord.getZ(BOTTOM_LEFT_CORNER)],
+                    dtype=float)
+
+
 def _particle_items(particles):
-    """(tsId, Coordinate3D with its tomogram plugged, TR_RELION matrix, coordinate pixel size) per particle."""
+    """A :class:`ParticleItem` per particle (coordinates or subtomograms)."""
     from tomo.constants import TR_RELION
     from tomo.objects import SetOfSubTomograms
 
     if isinstance(particles, SetOfSubTomograms):
         coords_px = particles.getCoordinates3D().getSamplingRate()
+        # The transform's shifts are in pixels of the subtomograms (scipion-em-tomo's SubTomogram:
+        # "the coordinate is not scaled"; scipion-em-reliontomo multiplies them by the set's rate).
+        shift_px = particles.getSamplingRate()
         # iterSubtomos plugs each coordinate's tomogram back (positions need its size and origin)
         for subtomo in particles.iterSubtomos():
             coord = subtomo.getCoordinate3D()
-            matrix = subtomo.getTransform(convention=TR_RELION).getMatrix()
-            half = getattr(subtomo, ATTR_HALF_SET, None) or getattr(coord, ATTR_HALF_SET, None)
-            yield coord.getTomoId(), coord, matrix, coords_px, half
+            yield ParticleItem(str(coord.getTomoId()), _corner_px(coord),
+                               np.array(subtomo.getTransform(convention=TR_RELION).getMatrix(), dtype=float), coords_px,
+                               shift_px, _attribute_int((subtomo, coord), (ATTR_HALF_SET,)),
+                               _attribute_int((subtomo, coord), OPTICS_GROUP_ATTRIBUTES))
     else:
         coords_px = particles.getSamplingRate()
         for tomogram in particles.getPrecedents().iterItems():
             for coord in particles.iterCoordinates(volume=tomogram):
-                yield coord.getTomoId(), coord, coord.getMatrix(convention=TR_RELION), coords_px, getattr(coord, ATTR_HALF_SET, None)
+                yield ParticleItem(str(coord.getTomoId()), _corner_px(coord),
+                                   np.array(coord.getMatrix(convention=TR_RELION), dtype=float), coords_px, coords_px,
+                                   _attribute_int((coord,), (ATTR_HALF_SET,)), _attribute_int((coord,), OPTICS_GROUP_ATTRIBUTES))
 
 
 def tomograms_of(particles) -> dict:
@@ -207,29 +269,27 @@ def tomograms_of(particles) -> dict:
     return {tomo.getTsId(): tomo.clone() for tomo in coords.getPrecedents().iterItems()}
 
 
-def particles_table(particles, tomogram_sizes: dict, tilt_series_pixel_angstrom: float, keep_ts_ids) -> tuple[pd.DataFrame, int]:
-    """RELION-5 ``data_particles`` of Scipion coordinates or subtomograms, and the number skipped
-    (particles of tomograms without tilt series or CTF). Half sets alternate when the particles carry
-    none (``_rlnRandomSubset``)."""
-    from tomo.constants import BOTTOM_LEFT_CORNER
-
+def particles_table(items, tomogram_sizes: dict, tilt_series_pixel_angstrom: float, optics_groups: dict) -> tuple[pd.DataFrame, int]:
+    """RELION-5 ``data_particles`` of :class:`ParticleItem`s, and the number skipped (particles of
+    tomograms without tilt series or CTF, i.e. not in ``tomogram_sizes``). Half sets alternate when the
+    particles carry none (``_rlnRandomSubset``); ``optics_groups`` maps tsId -> optics group."""
     rows, skipped, counters = [], 0, {}
-    for ts_id, coord, matrix, coords_px, half in _particle_items(particles):
-        if ts_id not in keep_ts_ids:
+    for item in items:
+        ts_id = item.ts_id
+        if ts_id not in tomogram_sizes:
             skipped += 1
             continue
         size = np.asarray(tomogram_sizes[ts_id], dtype=float)
-        corner_px = np.array([coord.getX(BOTTOM_LEFT_CORNER), coord.getY(BOTTOM_LEFT_CORNER),
-                              coord.getZ(BOTTOM_LEFT_CORNER)]) * coords_px / tilt_series_pixel_angstrom
+        corner_px = item.corner_px * item.coordinate_px / tilt_series_pixel_angstrom
         centred_angstrom = (corner_px - size / 2.0) * tilt_series_pixel_angstrom
-        angles, origin = relion_angles_and_origin(matrix, coords_px)
+        angles, origin = relion_angles_and_origin(item.matrix_relion, item.shift_px)
         counters[ts_id] = counters.get(ts_id, 0) + 1
         number = counters[ts_id]
-        half_value = int(half.get()) if half is not None and half.get() in (1, 2) else 2 - number % 2
+        half_value = item.half_set if item.half_set in (1, 2) else 2 - number % 2
         rows.append({
             "rlnTomoName": ts_id,
             "rlnTomoParticleName": f"{ts_id}/{number}",
-            "rlnOpticsGroup": 1,
+            "rlnOpticsGroup": int(optics_groups[ts_id]),
             "rlnCenteredCoordinateXAngst": centred_angstrom[0],
             "rlnCenteredCoordinateYAngst": centred_angstrom[1],
             "rlnCenteredCoordinateZAngst": centred_angstrom[2],
@@ -240,21 +300,135 @@ def particles_table(particles, tomogram_sizes: dict, tilt_series_pixel_angstrom:
     return pd.DataFrame(rows), skipped
 
 
+# ---------------------------------------------------------------------------------- optics groups
+def _acquisition_key(acquisition) -> tuple:
+    """What makes two tilt series' optics differ for RELION (voltage kV, Cs mm, amplitude contrast)."""
+    return (round(float(acquisition.getVoltage()), 6), round(float(acquisition.getSphericalAberration()), 6),
+            round(float(acquisition.getAmplitudeContrast()), 6))
+
+
+def assign_optics_groups(particle_groups: dict, acquisition_keys: dict) -> dict:
+    """tsId -> RELION optics group of each tomogram (every tomogram's particles share one group).
+
+    ``particle_groups`` maps tsId -> the set of optics groups its particles carry (``_rlnOpticsGroup``,
+    None for a particle without one); ``acquisition_keys`` tsId -> :func:`_acquisition_key` of its tilt
+    series, in the order the tomograms are written. When some particle carries a group, those groups
+    are used (RELION's and scipion-em-relion's default 1 for the others); when none does, tilt series
+    with the same optics share a group, numbered from 1 in tsId order (RELION refuses one group for
+    two voltages).
+
+    Raises
+    ------
+    ValueError
+        When the particles of one tomogram carry several groups.
+    """
+    explicit = any(g is not None for groups in particle_groups.values() for g in groups)
+    result = {}
+    if explicit:
+        for ts_id in acquisition_keys:
+            groups = sorted({1 if g is None else int(g) for g in particle_groups.get(ts_id, {None})})
+            if len(groups) > 1:
+                raise ValueError(f"the particles of tomogram {ts_id} belong to several optics groups {groups} "
+                                 f"(attribute _rlnOpticsGroup): give each tomogram's particles one optics group")
+            result[ts_id] = groups[0]
+        return result
+    numbers: dict = {}
+    for ts_id, key in acquisition_keys.items():
+        result[ts_id] = numbers.setdefault(key, len(numbers) + 1)
+    return result
+
+
+def optics_group_info(particles) -> str | None:
+    """The optics table (STAR text, scipion-em-relion's ``opticsGroupInfo``) a particle set carries:
+    its acquisition's ``opticsGroupInfo`` (subtomograms) or its ``_opticsGroupInfo`` (coordinates)."""
+    acquisition = particles.getAcquisition() if hasattr(particles, "getAcquisition") else None
+    info = getattr(acquisition, "opticsGroupInfo", None) if acquisition is not None else None
+    if info is None or not info.get():
+        info = getattr(particles, ATTR_OPTICS_INFO, None)
+    return info.get() if info is not None and info.get() else None
+
+
+def set_optics_group_info(particles, text: str) -> None:
+    """Store an optics table (STAR text) where :func:`optics_group_info` finds it."""
+    from pyworkflow.object import String
+
+    acquisition = particles.getAcquisition() if hasattr(particles, "getAcquisition") else None
+    if acquisition is not None and hasattr(acquisition, "opticsGroupInfo"):
+        acquisition.opticsGroupInfo.set(text)
+    else:
+        setattr(particles, ATTR_OPTICS_INFO, String(text))
+
+
+def optics_table_from_text(text: str | None) -> pd.DataFrame | None:
+    """The ``data_optics`` table of STAR text (None when there is none)."""
+    import tempfile
+
+    if not text:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "optics.star"
+        path.write_text(text)
+        table = read_star(path).blocks.get("optics")
+    return table if isinstance(table, pd.DataFrame) else (pd.DataFrame([table]) if table else None)
+
+
+def optics_table_text(particles_star) -> str:
+    """STAR text of the ``data_optics`` table of a RELION particles file (every optics group, with its
+    Zernike coefficients when it has them): what ``opticsGroupInfo`` holds."""
+    from tomoctfrefine.io.star import star_text
+
+    optics = read_star(particles_star).blocks["optics"]
+    return star_text(StarDocument({"optics": optics}))
+
+
+def _optics_rows(groups: dict, acquisitions: dict, pixel_size: float, box_size_px, input_optics) -> pd.DataFrame:
+    """``data_optics``: one row per group used, its optics from its first tomogram's tilt series, its
+    name and Zernike coefficients from the particles' own optics table (``input_optics``) when given."""
+    rows = []
+    for group in sorted(set(groups.values())):
+        ts_id = next(t for t, g in groups.items() if g == group)
+        acquisition = acquisitions[ts_id]
+        row = {"rlnOpticsGroup": group, "rlnOpticsGroupName": f"optics{group}",
+               "rlnSphericalAberration": acquisition.getSphericalAberration(), "rlnVoltage": acquisition.getVoltage(),
+               "rlnTomoTiltSeriesPixelSize": pixel_size, "rlnAmplitudeContrast": acquisition.getAmplitudeContrast()}
+        if box_size_px:
+            row["rlnImageSize"] = int(box_size_px)
+            row["rlnImagePixelSize"] = pixel_size
+        if input_optics is not None and "rlnOpticsGroup" in input_optics:
+            match = input_optics[input_optics["rlnOpticsGroup"].astype(int) == group]
+            if len(match):
+                for column in ("rlnOpticsGroupName", "rlnEvenZernike", "rlnOddZernike"):
+                    if column in match:
+                        row[column] = match[column].iloc[0]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for column in ("rlnEvenZernike", "rlnOddZernike"):  # a group without coefficients has none
+        if column in table:
+            table[column] = table[column].fillna("[]").astype(str)
+    return table
+
+
 def write_optimisation_set_from_scipion(out_dir, tilt_series_set, ctf_set, particles, half_maps, mask_path,
                                         hand: int, fsc_path=None, box_size_px=None) -> ConvertedInputs:
     """Write a RELION-5 optimisation set (tomograms, per-tilt-series tables, particles, references)
     for the tilt series that have a CTF and particles.
 
     ``out_dir`` gets ``optimisation_set.star``, ``tomograms.star``, ``tilt_series/<tsId>.star``,
-    ``particles.star`` and ``tilt_order.json``; the images, maps and mask are referenced, not copied.
+    ``particles.star``, ``tilt_order.json`` and ``optics_groups.json``; the images, maps and mask are
+    referenced, not copied. Optics groups: :func:`assign_optics_groups`; the particles' own optics
+    table (``opticsGroupInfo``) gives the groups' names and Zernike coefficients.
     """
     out_dir = Path(out_dir)
     (out_dir / "tilt_series").mkdir(parents=True, exist_ok=True)
     pixel_size = tilt_series_set.getSamplingRate()
-    acquisition = tilt_series_set.getAcquisition()
+    set_acquisition = tilt_series_set.getAcquisition()
     tomograms = tomograms_of(particles)
     ctf_by_id = {s.getTsId(): ctf_values_by_order(s) for s in ctf_set.iterItems()}
-    global_rows, tilt_order = [], {}
+    items = list(_particle_items(particles))
+    particle_groups: dict = {}
+    for item in items:
+        particle_groups.setdefault(item.ts_id, set()).add(item.optics_group)
+    tables, acquisitions = {}, {}
     for ts in tilt_series_set.iterItems(orderBy="_tsId"):
         ts_id = ts.getTsId()
         if ts_id not in ctf_by_id or ts_id not in tomograms:
@@ -262,10 +436,20 @@ def write_optimisation_set_from_scipion(out_dir, tilt_series_set, ctf_set, parti
         table, orders, stack, frame_count = tilt_series_table(ts, ctf_by_id[ts_id])
         if table.empty:
             continue
+        own = ts.getAcquisition()
+        acquisitions[ts_id] = own if own is not None and own.getVoltage() else set_acquisition
+        tables[ts_id] = (table, orders, stack, frame_count, ts.getAcquisition().getDosePerFrame() or 0.0)
+    groups = assign_optics_groups(particle_groups, {t: _acquisition_key(a) for t, a in acquisitions.items()})
+    input_optics = optics_table_from_text(optics_group_info(particles))
+    optics = _optics_rows(groups, acquisitions, pixel_size, box_size_px, input_optics)
+    group_names = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnOpticsGroupName"].astype(str)))
+    global_rows, tilt_order = [], {}
+    for ts_id, (table, orders, stack, frame_count, dose) in tables.items():
         ts_star = out_dir / "tilt_series" / f"{ts_id}.star"
         write_star(StarDocument({ts_id: table}), ts_star)
         tilt_order[ts_id] = orders
         size = tomogram_size_bin1_px(tomograms[ts_id], pixel_size)
+        acquisition = acquisitions[ts_id]
         row = {
             "rlnTomoName": ts_id,
             "rlnVoltage": acquisition.getVoltage(),
@@ -280,8 +464,7 @@ def write_optimisation_set_from_scipion(out_dir, tilt_series_set, ctf_set, parti
             row["rlnTomoTiltSeriesName"] = _relpath(stack)
             row["rlnTomoFrameCount"] = frame_count
         row.update({"rlnTomoSizeX": size[0], "rlnTomoSizeY": size[1], "rlnTomoSizeZ": size[2],
-                    "rlnTomoImportFractionalDose": ts.getAcquisition().getDosePerFrame() or 0.0,
-                    "rlnOpticsGroupName": OPTICS_GROUP_NAME})
+                    "rlnTomoImportFractionalDose": dose, "rlnOpticsGroupName": group_names[groups[ts_id]]})
         global_rows.append(row)
     global_table = pd.DataFrame(global_rows)
     # RELION needs one column set for all rows: option A (stack) and option B rows cannot mix.
@@ -290,17 +473,9 @@ def write_optimisation_set_from_scipion(out_dir, tilt_series_set, ctf_set, parti
                          "re-stack them (e.g. with a 'tilt-series from tomograms' or an exclusion protocol)")
     tomograms_star = write_star(StarDocument({"global": global_table}), out_dir / "tomograms.star")
     sizes = {r["rlnTomoName"]: (r["rlnTomoSizeX"], r["rlnTomoSizeY"], r["rlnTomoSizeZ"]) for r in global_rows}
-    table, skipped = particles_table(particles, sizes, pixel_size, set(sizes))
-    optics = {
-        "rlnOpticsGroup": 1, "rlnOpticsGroupName": OPTICS_GROUP_NAME,
-        "rlnSphericalAberration": acquisition.getSphericalAberration(), "rlnVoltage": acquisition.getVoltage(),
-        "rlnTomoTiltSeriesPixelSize": pixel_size, "rlnAmplitudeContrast": acquisition.getAmplitudeContrast(),
-    }
-    if box_size_px:
-        optics["rlnImageSize"] = int(box_size_px)
-        optics["rlnImagePixelSize"] = pixel_size
+    table, skipped = particles_table(items, sizes, pixel_size, groups)
     particles_star = write_star(StarDocument({"general": {"rlnTomoSubTomosAre2DStacks": 1},
-                                              "optics": pd.DataFrame([optics]), "particles": table}),
+                                              "optics": optics, "particles": table}),
                                 out_dir / "particles.star")
     entries = {
         "rlnTomoParticlesFile": _relpath(particles_star),
@@ -313,7 +488,8 @@ def write_optimisation_set_from_scipion(out_dir, tilt_series_set, ctf_set, parti
         entries["rlnTomoReferenceFscFile"] = _relpath(fsc_path)
     opt = write_star(StarDocument({"": entries}), out_dir / "optimisation_set.star")
     (out_dir / TILT_ORDER_FILE).write_text(json.dumps(tilt_order, indent=1))
-    return ConvertedInputs(opt, tomograms_star, particles_star, tilt_order, skipped)
+    (out_dir / OPTICS_GROUPS_FILE).write_text(json.dumps(groups, indent=1))
+    return ConvertedInputs(opt, tomograms_star, particles_star, tilt_order, skipped, groups)
 
 
 def write_fsc_from_scipion(fsc, box_size_px: int, pixel_size_angstrom: float, path) -> Path:

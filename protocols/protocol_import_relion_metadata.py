@@ -38,7 +38,9 @@ class ProtTomoImportRelionMetadata(EMProtocol):
     Tilts are matched by acquisition order (the rank of rlnMicrographPreExposure); views of the tilt
     series that RELION does not list are disabled. Tilt angles become RELION's rlnTomoYTilt (the
     imported angle is kept as _tomoNominalTilt), rlnTomoXTilt is kept as the tilt-image attribute
-    _tomoXTilt, the half set as the coordinate attribute _rlnRandomSubset.
+    _tomoXTilt, the half set and optics group as the coordinate attributes _rlnRandomSubset and
+    _rlnOpticsGroup, the optics table (with any Zernike coefficients) as the coordinates'
+    _opticsGroupInfo.
     """
 
     _label = "import RELION tomo metadata"
@@ -177,7 +179,9 @@ class ProtTomoImportRelionMetadata(EMProtocol):
             coord.setPosition(*corner, BOTTOM_LEFT_CORNER)
             coord.setMatrix(convert.relion_matrix(angles, origin, coords_px), convention=TR_RELION)
             setattr(coord, convert.ATTR_HALF_SET, Integer(int(row.get("rlnRandomSubset", 1))))
+            setattr(coord, convert.ATTR_OPTICS_GROUP, Integer(int(row.get("rlnOpticsGroup", 1))))
             coords.append(coord)
+        convert.set_optics_group_info(coords, convert.optics_table_text(self.particlesStar.get()))
         return coords
 
     def _validate(self):

@@ -6,9 +6,11 @@ It contains no numerics; the engine (``tomoctfrefine.pipeline``) does those.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 from enum import Enum
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from pyworkflow import BETA
 from pyworkflow.object import Integer, String
 from pyworkflow.protocol import params
 from pyworkflow.utils import Message
-from tomo.objects import SetOfCoordinates3D, SetOfCTFTomoSeries, SetOfSubTomograms
+from tomo.objects import SetOfCoordinates3D, SetOfCTFTomoSeries, SetOfSubTomograms, SubTomogram
 
 from . import convert
 
@@ -175,18 +177,26 @@ class ProtTomoCtfRefine(EMProtocol):
 
     # ------------------------------------------------------------------------------------ steps
     def _insertAllSteps(self):
-        options = json.dumps(self.refineOptions(), sort_keys=True)
-        self._insertFunctionStep(self.convertInputStep, options, needsGPU=False)
-        self._insertFunctionStep(self.prepareStep, options, needsGPU=False)
-        if self.refineDefocus:
-            self._insertFunctionStep(self.refineDefocusStep, needsGPU=False)
-        if self.refineContrast:
-            self._insertFunctionStep(self.refineScaleStep, needsGPU=False)
-        if self.refineOddAbe or self.refineEvenAbe:
-            self._insertFunctionStep(self.refineAberrationsStep, needsGPU=False)
-        if self.doAssess:
-            self._insertFunctionStep(self.assessStep, needsGPU=False)
+        """Convert, then one step per entry of the engine's plan (``tomoctfrefine.pipeline.plan``: the
+        order the CLI runs), then register the outputs. Each engine step runs in its own process (under
+        MPI when asked), so "continue" resumes after the last finished one."""
+        from tomoctfrefine import pipeline
+
+        options = self.plannedOptions()
+        self._insertFunctionStep(self.convertInputStep, json.dumps(dataclasses.asdict(options), sort_keys=True),
+                                 needsGPU=False)
+        for step in pipeline.plan(options):
+            self._insertFunctionStep(self.engineStep, step, needsGPU=False)
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def plannedOptions(self):
+        """The form as ``tomoctfrefine.pipeline.RefineOptions`` (what the engine runs)."""
+        from tomoctfrefine.pipeline import RefineOptions
+
+        values = self.refineOptions()
+        # The assessment is a step of the plan (options.assess), asked for on the form's Assessment tab.
+        values.setdefault("assess", bool(self.doAssess.get()))
+        return RefineOptions(**values)
 
     def refineOptions(self) -> dict:
         """The form as keyword arguments of ``tomoctfrefine.pipeline.RefineOptions``."""
@@ -221,13 +231,18 @@ class ProtTomoCtfRefine(EMProtocol):
 
     # paths (relative to the project directory, the working directory of every step)
     def inputDir(self) -> str:
-        return self._getExtraPath("in")
+        """The converted inputs (RELION files): apart from the outputs, which the refinement must not
+        overwrite."""
+        return self._getExtraPath("input")
 
     def outDir(self) -> str:
-        return self._getExtraPath("out")
+        """The refinement's output folder, laid out as a RELION job folder: ``tomograms.star``,
+        ``tilt_series/<name>.star``, ``particles.star`` (with aberrations), ``optimisation_set.star``,
+        ``note.txt``, the report."""
+        return self._getExtraPath()
 
     def optionsFile(self) -> str:
-        return self._getExtraPath("refine_options.json")
+        return os.path.join(self.inputDir(), "refine_options.json")
 
     def inputOptimisationSet(self) -> str:
         if self.inputFrom.get() == INPUT_OPTIMISATION_SET:
@@ -235,7 +250,7 @@ class ProtTomoCtfRefine(EMProtocol):
         return os.path.join(self.inputDir(), "optimisation_set.star")
 
     def convertInputStep(self, optionsJson):
-        os.makedirs(self.outDir(), exist_ok=True)
+        os.makedirs(self.inputDir(), exist_ok=True)
         with open(self.optionsFile(), "w") as handle:
             handle.write(optionsJson)
         if self.inputFrom.get() == INPUT_OPTIMISATION_SET:
@@ -252,37 +267,23 @@ class ProtTomoCtfRefine(EMProtocol):
             self.inputDir(), self.inputTiltSeries.get(), self.inputCtfTomoSeries.get(), particles,
             [_mrc_path(h) for h in halves], _mrc_path(self.inRefMask.get().getFileName()),
             hand=-1 if self.handedness else 1, fsc_path=fsc_path, box_size_px=box)
-        self.info(f"Wrote {converted.optimisation_set}: {len(converted.tilt_order)} tilt series; "
-                  f"{converted.skipped_particles} particles skipped (no tilt series or CTF)")
+        groups = sorted(set(converted.optics_groups.values()))
+        self.info(f"Wrote {converted.optimisation_set}: {len(converted.tilt_order)} tilt series, optics group(s) "
+                  f"{groups}; {converted.skipped_particles} particles skipped (no tilt series or CTF)")
 
-    def _runEngine(self, step, *extra, mpi=1):
-        args = " ".join([ENGINE_SCRIPT, step, self.outDir(), *extra])
+    def engineStep(self, step):
+        """Run one step of the engine's plan (``protocols/engine_step.py``), under MPI when asked."""
+        extra = ["--optimisation-set", self.inputOptimisationSet(), "--options", self.optionsFile()] if step == "prepare" else []
+        self._runEngine(step, *extra)
+
+    def _runEngine(self, step, *extra):
         from tomoctfrefine.plugin import Plugin
 
+        args = " ".join(shlex.quote(str(word)) for word in [ENGINE_SCRIPT, step, self.outDir(), *extra])
         self.runJob(Plugin.getPythonProgram(), args, env=Plugin.getEnviron(self.numberOfThreads.get() or 1),
-                    numberOfMpi=mpi)
-
-    def prepareStep(self, optionsJson):
-        self._runEngine("prepare", "--optimisation-set", self.inputOptimisationSet(), "--options", self.optionsFile(),
-                        mpi=max(1, int(self.numberOfMpi.get() or 1)))
-
-    def refineDefocusStep(self):
-        self._runEngine("refine_defocus")
-
-    def refineScaleStep(self):
-        self._runEngine("refine_scale")
-
-    def refineAberrationsStep(self):
-        self._runEngine("refine_aberrations")
-
-    def assessStep(self):
-        # The assessment reconstructs with the refined optimisation set, which write_outputs makes.
-        self._runEngine("write_outputs")
-        self._runEngine("assess_refinement")
+                    numberOfMpi=max(1, int(self.numberOfMpi.get() or 1)))
 
     def createOutputStep(self):
-        if not self.doAssess:
-            self._runEngine("write_outputs")
         self.registerOutputs(self.outDir())
 
     def registerOutputs(self, outDir):
@@ -315,19 +316,7 @@ class ProtTomoCtfRefine(EMProtocol):
 
         particles = self.inReParticles.get() if self.inputFrom.get() == INPUT_SCIPION else None
         if particles is not None:
-            zernike = convert.read_zernike(particles_star) if particles_star is not None and particles_star.exists() else {}
-            even, odd = zernike.get(1, ([], []))
-            if isinstance(particles, SetOfSubTomograms):
-                new = SetOfSubTomograms.create(self._getPath(), template="subtomograms%s.sqlite")
-                name = Outputs.particles.name
-            else:
-                new = SetOfCoordinates3D.create(self._getPath(), template="coordinates%s.sqlite")
-                name = Outputs.coordinates.name
-            new.copyInfo(particles)
-            new.copyItems(particles)
-            new.setBoxSize(particles.getBoxSize())
-            new._evenZernike = String(json.dumps(even))
-            new._oddZernike = String(json.dumps(odd))
+            new, name = self._outputParticles(particles, particles_star)
             new._optimisationSet = String(str(opt_path))
             new._relionTomograms = String(str(tomograms_star))
             new._relionParticles = String(str(particles_star))
@@ -346,6 +335,33 @@ class ProtTomoCtfRefine(EMProtocol):
                 self._defineSourceRelation(source, output)
         if fscs is not None and self.inputFrom.get() == INPUT_SCIPION and self.recVolume.get() is not None:
             self._defineSourceRelation(self.recVolume, fscs)
+
+    def _outputParticles(self, particles, particles_star):
+        """A copy of the input particles carrying the refined optics: every optics group's row of the
+        particles file (with its Zernike coefficients) as ``opticsGroupInfo``, and each particle's
+        ``_rlnOpticsGroup`` (scipion-em-relion's convention). Returns (set, output name)."""
+        groups_file = Path(self.inputDir()) / convert.OPTICS_GROUPS_FILE
+        groups = json.loads(groups_file.read_text()) if groups_file.exists() else {}
+        if isinstance(particles, SetOfSubTomograms):
+            new = SetOfSubTomograms.create(self._getPath(), template="subtomograms%s.sqlite")
+            name = Outputs.particles.name
+        else:
+            new = SetOfCoordinates3D.create(self._getPath(), template="coordinates%s.sqlite")
+            name = Outputs.coordinates.name
+        new.copyInfo(particles)
+        if isinstance(particles, SetOfCoordinates3D):
+            new.setBoxSize(particles.getBoxSize())
+
+        def set_group(item, row=None):
+            coordinate = item.getCoordinate3D() if isinstance(item, SubTomogram) else item
+            own = getattr(item, convert.ATTR_OPTICS_GROUP, None)
+            default = own.get() if own is not None and own.get() is not None else 1
+            setattr(item, convert.ATTR_OPTICS_GROUP, Integer(groups.get(str(coordinate.getTomoId()), default)))
+
+        new.copyItems(particles, updateItemCallback=set_group)
+        if particles_star is not None and Path(particles_star).exists():
+            convert.set_optics_group_info(new, convert.optics_table_text(particles_star))
+        return new, name
 
     def _assessedFscs(self, out_dir: Path):
         """The corrected FSCs of the assessment (before, after) as a SetOfFSCs, or None without one."""
@@ -387,6 +403,13 @@ class ProtTomoCtfRefine(EMProtocol):
         missing = [label for name, label in needed if getattr(self, name).get() is None]
         if missing:
             return ["Missing input: " + ", ".join(missing) + "."]
+        particles = self.inReParticles.get()
+        files_master = getattr(particles, "getFilesMaster", None)
+        if callable(files_master):
+            # reliontomo's pseudo-subtomograms hold their orientation in RELION's files (the set's
+            # transforms are the subtomograms' own frames): refine them from those files.
+            return [f"These are RELION pseudo-subtomograms: choose 'Input from: RELION optimisation set' and give "
+                    f"their optimisation set ({files_master()})."]
         ts_set, volume = self.inputTiltSeries.get(), self.recVolume.get()
         ts_pixel = ts_set.getSamplingRate()
         if not volume.hasHalfMaps():
@@ -456,6 +479,9 @@ class ProtTomoCtfRefine(EMProtocol):
                                f"{assessment['after']['resolution_0.143_angstrom']:.2f} Å after refinement.")
         if self.hasAttribute(Outputs.relionFiles.name):
             summary.append(f"RELION files: {getattr(self, Outputs.relionFiles.name).getFileName()}")
+        note = Path(self.outDir()) / "note.txt"
+        if summary and note.exists():
+            summary.append(f"Equivalent command: {note.read_text().strip()}")
         if not summary:
             summary.append("Outputs not ready yet.")
         return summary

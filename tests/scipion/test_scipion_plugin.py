@@ -78,7 +78,7 @@ def test_gui_tree_places_protocols(tmp_path):
 
 
 # ------------------------------------------------------------------------------- wizards' helpers
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "relion5_small"
 
 
 def test_particle_diameter_from_fixture_mask_matches_simulated_radius():

@@ -1,7 +1,7 @@
 """A real, headless Scipion project: RELION-5 data in through scipion-em-tomo's import protocols,
 our conversion out to RELION files, the refinement, and the refined CTF back as Scipion sets.
 
-Data: the RELION-5 fixture (shared/fixtures/relion5_small, copied to a temporary folder): one tilt
+Data: the RELION-5 fixture (tests/data/relion5_small, copied to a temporary folder): one tilt
 series of 13 tilts, 30 particles, half maps, mask, and what RELION 5.0.1 wrote for it.
 
 * The round trip Scipion -> RELION must give back RELION's own input values (defocus, alignment,
@@ -14,6 +14,7 @@ series of 13 tilts, 30 particles, half maps, mask, and what RELION 5.0.1 wrote f
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +24,7 @@ import pytest
 
 from pyworkflow.project import Manager
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
-if not FIXTURE.exists():
-    FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "data" / "relion5_small"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "relion5_small"
 HAVE_PIPELINE = importlib.util.find_spec("tomoctfrefine.pipeline") is not None
 TOMOGRAM_BINNING = 4
 
@@ -315,8 +314,15 @@ def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
     assert n == 13
     coords = protocol.coordinates
     assert coords.getSize() == 30 and coords.getBoxSize() == 16
-    assert json.loads(coords._evenZernike.get())[8] == pytest.approx(
-        float(_read(out / "particles.star")["optics"]["rlnEvenZernike"].iloc[0].strip("[]").split(",")[8]))
+    # The particles carry RELION's optics table (every group, Zernike terms included) as scipion-em-relion
+    # does, and each particle its optics group.
+    from tomoctfrefine.protocols.convert import optics_group_info, optics_table_from_text
+
+    optics = optics_table_from_text(optics_group_info(coords))
+    relion_optics = _read(out / "particles.star")["optics"]
+    assert list(optics["rlnEvenZernike"]) == list(relion_optics["rlnEvenZernike"])
+    assert list(optics["rlnOddZernike"]) == list(relion_optics["rlnOddZernike"])
+    assert {c._rlnOpticsGroup.get() for c in coords.iterItems()} == {1}
     assert Path(protocol.relionFiles.getFileName()).name == "optimisation_set.star"
 
 
@@ -344,7 +350,11 @@ def test_mpi_run_gives_the_serial_result(project, full_run):
     protocol = _refine_protocol(project, None, numberOfMpi=2, **FULL_RUN)
     _launch(project["project"], protocol, timeout_s=120)
     log = Path(protocol.getLogPaths()[0]).read_text()
-    assert "mpirun -np 2" in log and "engine_step.py prepare" in log
+    # Every engine step of the plan runs under mpirun (not only prepare).
+    for step in ("prepare", "refine_defocus", "refine_aberrations", "refine_scale", "write_outputs"):
+        assert re.search(rf"mpirun -np 2 .*python\S* \S*engine_step\.py {step} ", log), step
+    note = (Path(protocol.outDir()) / "note.txt").read_text()
+    assert note.startswith("mpirun -np 2 tomoctfrefine refine --i ") and " --do_odd_aberrations " in note
     serial, parallel = _ctf_values(full_run), _ctf_values(protocol)
     assert sorted(parallel) == sorted(serial) == list(range(1, 14))
     for order in serial:
@@ -376,8 +386,13 @@ def test_full_run_refines_defocus_towards_truth(project, full_run):
     # (even 8 = 600, odd 2 = 150, odd 5 = -100 rad) come out with their signs (30 particles only).
     from tomoctfrefine.protocols.convert import read_zernike
 
-    even, odd = json.loads(protocol.coordinates._evenZernike.get()), json.loads(protocol.coordinates._oddZernike.get())
+    from tomoctfrefine.protocols.convert import optics_group_info, optics_table_from_text
+    from tomoctfrefine.io.star import parse_vector
+
+    optics = optics_table_from_text(optics_group_info(protocol.coordinates))
+    even, odd = parse_vector(optics["rlnEvenZernike"].iloc[0]), parse_vector(optics["rlnOddZernike"].iloc[0])
     assert (even, odd) == read_zernike(protocol.coordinates._relionParticles.get())[1]
+    assert Path(protocol.coordinates._relionParticles.get()) == Path(protocol.outDir()) / "particles.star"
     assert len(even) == 9 and len(odd) == 6
     assert even[8] > 300 and odd[2] > 75 and odd[5] < -50, (even, odd)
     sigmas = [ctf._defocusUncertainty.get() for series in protocol.CTFs.iterItems() for ctf in series.iterItems()]
@@ -390,6 +405,15 @@ def test_full_run_refines_defocus_towards_truth(project, full_run):
     assert [v.path.name for v in views][:2] == ["defocus_TS_01.png", "scale_TS_01.png"]
 
 
+def _steps(protocol) -> list[str]:
+    """The protocol's steps: the engine step's name for engineStep, else the function's name."""
+    names = []
+    for step in protocol.loadSteps():
+        name = step.funcName.get()
+        names.append(json.loads(step.argsStr.get())[0] if name == "engineStep" else name)
+    return names
+
+
 def _first_shell_below(values, threshold=0.143) -> int:
     """Index of the first shell (from 1) whose FSC is below ``threshold`` (the length if none is)."""
     below = [i for i, v in enumerate(values) if i > 0 and v < threshold]
@@ -400,8 +424,9 @@ def _first_shell_below(values, threshold=0.143) -> int:
 def test_assessment_registers_before_and_after_fscs(project, full_run):
     """doAssess: an assess step between the refinement and the outputs, and its two corrected FSCs
     (as written to assess/{before,after}/postprocess.star) registered as a SetOfFSCs."""
-    steps = [step.funcName.get() for step in full_run.loadSteps()]
-    assert steps[-2:] == ["assessStep", "createOutputStep"]
+    # One step per entry of the engine's plan, in its order; the scale step after the aberrations, once.
+    assert _steps(full_run) == ["convertInputStep", "prepare", "refine_defocus", "refine_aberrations", "refine_scale",
+                                "write_outputs", "assess_refinement", "createOutputStep"]
     # Read back through a freshly loaded project, as the next protocol (or the FSC viewer) would.
     loaded = Manager().loadProject(project["project"].getName())
     protocol = loaded.getProtocol(full_run.getObjId())
@@ -448,13 +473,13 @@ def test_stop_after_prepare_then_continue_skips_finished_steps(project):
     finished = set()
     while time.time() < deadline:
         try:
-            finished = {step.funcName.get() for step in protocol.loadSteps() if step.isFinished()}
+            finished = {name for name, step in zip(_steps(protocol), protocol.loadSteps()) if step.isFinished()}
         except sqlite3.OperationalError:  # the run has created steps.sqlite but not its tables yet
             finished = set()
-        if "prepareStep" in finished:
+        if "prepare" in finished:
             break
         time.sleep(0.02)
-    assert "prepareStep" in finished, "prepare did not finish in time"
+    assert "prepare" in finished, "prepare did not finish in time"
     proj.stopProtocol(protocol)
     assert protocol.isAborted()
     statistics = sorted(Path(protocol.outDir()).rglob("*.npz"))
@@ -462,6 +487,7 @@ def test_stop_after_prepare_then_continue_skips_finished_steps(project):
     written = {path: path.stat().st_mtime_ns for path in statistics}
     _launch(proj, protocol)  # "Continue" is the default run mode
     assert {path: path.stat().st_mtime_ns for path in statistics} == written
-    steps = {step.funcName.get(): step.isFinished() for step in protocol.loadSteps()}
-    assert steps == {"convertInputStep": True, "prepareStep": True, "refineDefocusStep": True, "createOutputStep": True}
+    steps = dict(zip(_steps(protocol), [step.isFinished() for step in protocol.loadSteps()]))
+    assert steps == {"convertInputStep": True, "prepare": True, "refine_defocus": True, "write_outputs": True,
+                     "createOutputStep": True}
     assert protocol.CTFs.getSize() == 1
