@@ -48,8 +48,11 @@ def refine_options(values: dict) -> "pipeline.RefineOptions":
 
 
 def _number(value) -> str:
-    """A flag value as the user would type it (``3000`` rather than ``3000.0``)."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A flag value as the user would type it (``3000`` rather than ``3000.0``), exactly (repr's shortest
+    round-trip digits otherwise)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def command_line(options, optimisation_set: str, out_dir: str, ranks: int = 1) -> str:
@@ -63,7 +66,9 @@ def command_line(options, optimisation_set: str, out_dir: str, ranks: int = 1) -
     o = options
     flags = ["--i", optimisation_set, "--o", out_dir, "--b", str(o.box_size_px)]
     if o.do_defocus:
-        flags += ["--do_defocus", "--d0", _number(o.defocus_scan_min_angstrom), "--d1", _number(o.defocus_scan_max_angstrom)]
+        flags += ["--do_defocus"]
+    if o.do_defocus or (o.defocus_scan_min_angstrom, o.defocus_scan_max_angstrom) != (-3000.0, 3000.0):
+        flags += ["--d0", _number(o.defocus_scan_min_angstrom), "--d1", _number(o.defocus_scan_max_angstrom)]
     if o.defocus_scan_steps != _CLI_DEFAULTS["defocus_scan_steps"]:
         flags += ["--ds", str(o.defocus_scan_steps)]
     if o.regularise_defocus:
