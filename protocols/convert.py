@@ -254,7 +254,11 @@ def _particle_items(particles):
                                _attribute_int((subtomo, coord), OPTICS_GROUP_ATTRIBUTES))
     else:
         coords_px = particles.getSamplingRate()
-        for tomogram in particles.getPrecedents().iterItems():
+        # The tomograms are listed first: iterating the coordinates of one tomogram inside an iteration
+        # over the tomograms ends the outer one after the first tomogram (seen with scipion-em-tomo
+        # 3.12.4: only the first tomogram's particles were converted).
+        tomograms = [tomogram.clone() for tomogram in particles.getPrecedents().iterItems()]
+        for tomogram in tomograms:
             for coord in particles.iterCoordinates(volume=tomogram):
                 yield ParticleItem(str(coord.getTomoId()), _corner_px(coord),
                                    np.array(coord.getMatrix(convention=TR_RELION), dtype=float), coords_px, coords_px,

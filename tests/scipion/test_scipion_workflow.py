@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from pyworkflow.project import Manager
+from scipion_helpers import launch
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "relion5_small"
 HAVE_PIPELINE = importlib.util.find_spec("tomoctfrefine.pipeline") is not None
@@ -36,25 +37,8 @@ def _read(path):
 
 
 def _launch(project, protocol, timeout_s=None):
-    """Run ``protocol`` to its end; with ``timeout_s``, stop it and fail if it takes longer (a hung
-    MPI job must fail the test, not hang CI)."""
-    import time
-
-    if timeout_s is None:
-        project.launchProtocol(protocol, wait=True)
-    else:
-        project.launchProtocol(protocol, wait=False)
-        deadline = time.time() + timeout_s
-        while protocol.isActive() and time.time() < deadline:
-            time.sleep(0.5)
-            project._updateProtocol(protocol)
-        if protocol.isActive():
-            project.stopProtocol(protocol)
-            raise AssertionError(f"{protocol.getRunName()} still running after {timeout_s} s: stopped")
-    if not protocol.isFinished():
-        logs = "\n".join(protocol.getLogsLastLines(40)) if hasattr(protocol, "getLogsLastLines") else ""
-        raise AssertionError(f"{protocol.getRunName()} ended {protocol.getStatus()}:\n{logs}")
-    return protocol
+    """Run ``protocol`` to its end (``scipion_helpers.launch``: a timeout turns a hung MPI job into a failure)."""
+    return launch(project, protocol, timeout_s)
 
 
 @pytest.fixture(scope="module")
