@@ -403,13 +403,12 @@ class ProtTomoCtfRefine(EMProtocol):
         missing = [label for name, label in needed if getattr(self, name).get() is None]
         if missing:
             return ["Missing input: " + ", ".join(missing) + "."]
-        particles = self.inReParticles.get()
-        files_master = getattr(particles, "getFilesMaster", None)
-        if callable(files_master):
-            # reliontomo's pseudo-subtomograms hold their orientation in RELION's files (the set's
-            # transforms are the subtomograms' own frames): refine them from those files.
+        files_master = getattr(self.inReParticles.get(), "_filesMaster", None)
+        if files_master is not None:
+            # scipion-em-reliontomo's pseudo-subtomograms keep the particles' orientations in RELION's
+            # files (their transforms hold the subtomograms' own frames): refine them from those files.
             return [f"These are RELION pseudo-subtomograms: choose 'Input from: RELION optimisation set' and give "
-                    f"their optimisation set ({files_master()})."]
+                    f"their optimisation set ({files_master.get()})."]
         ts_set, volume = self.inputTiltSeries.get(), self.recVolume.get()
         ts_pixel = ts_set.getSamplingRate()
         if not volume.hasHalfMaps():

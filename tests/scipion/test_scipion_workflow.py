@@ -11,6 +11,7 @@ series of 13 tilts, 30 particles, half maps, mask, and what RELION 5.0.1 wrote f
 * The full refinement runs only when ``tomoctfrefine.pipeline`` exists (it is skipped, saying so,
   before the engine lands).
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -155,6 +156,42 @@ def test_validate_catches_bad_combinations(project):
     assert ok.warnings() == ["No FSC given: frequency weights come from the half maps themselves."]
     assert ok.validate() == ([] if HAVE_PIPELINE else [
         "tomoctfrefine's engine (tomoctfrefine.pipeline) is not installed: reinstall tomoctfrefine (pip install -e .[all])."])
+
+
+@pytest.mark.parametrize("params, engine_steps", [
+    # the aberrations' joint fit, then the scale at the final CTF: the scale step once, after them
+    (dict(refineOddAbe=True, refineEvenAbe=True), ["prepare", "refine_defocus", "refine_aberrations", "refine_scale",
+                                                    "write_outputs"]),
+    # the defocus step also runs the hand check: it runs with the defocus off
+    (dict(refineDefocus=False), ["prepare", "refine_defocus", "refine_scale", "write_outputs"]),
+    (dict(refineContrast=False, doAssess=True), ["prepare", "refine_defocus", "write_outputs", "assess_refinement"]),
+])
+def test_steps_follow_the_engines_plan(project, params, engine_steps):
+    from tomoctfrefine import pipeline
+
+    protocol = _refine_protocol(project, None, **params)
+    assert pipeline.plan(protocol.plannedOptions()) == engine_steps
+    protocol._insertAllSteps()
+    names = [step.funcName.get() for step in protocol._steps]
+    arguments = [json.loads(step.argsStr.get()) for step in protocol._steps]
+    assert names == ["convertInputStep"] + ["engineStep"] * len(engine_steps) + ["createOutputStep"]
+    assert [a[0] for a in arguments[1:-1]] == engine_steps
+    assert json.loads(arguments[0][0]) == dataclasses.asdict(protocol.plannedOptions())
+
+
+def test_validate_sends_relion_pseudo_subtomograms_to_their_optimisation_set(project):
+    """scipion-em-reliontomo's pseudo-subtomograms (a SetOfSubTomograms holding its RELION files in
+    _filesMaster) would be read with the subtomograms' frames as orientations: refused, naming the file."""
+    from pyworkflow.object import String
+    from tomo.objects import SetOfSubTomograms
+
+    pseudo = SetOfSubTomograms()
+    pseudo._filesMaster = String("Runs/000100_ProtRelion5ExtractSubtomos/extra/optimisation_set.star")
+    protocol = _refine_protocol(project, None)
+    protocol.inReParticles.set(pseudo)
+    assert protocol.validate()[-1] == (
+        "These are RELION pseudo-subtomograms: choose 'Input from: RELION optimisation set' and give their "
+        "optimisation set (Runs/000100_ProtRelion5ExtractSubtomos/extra/optimisation_set.star).")
 
 
 def test_wizards_propose_box_and_range_from_the_inputs(project):
