@@ -423,3 +423,20 @@ def test_several_optics_groups_reach_the_output_particles(project, data):
     optics = read_star(again.particles).blocks["optics"]
     for column in ("rlnEvenZernike", "rlnOddZernike"):
         assert list(optics[column]) == list(written[column])
+
+
+def test_relion_optimisation_set_gives_the_same_refinement(project, data, coordinates_run):
+    """The same dataset given as its RELION optimisation set (with the tilt series and CTFs to receive
+    the result): the refined CTF of the Scipion objects' run, and RELION's job layout in extra/."""
+    meta = project["meta"]
+    protocol = _refine(project, inputFrom=1, optimisationSet=str(data["relion"] / "optimisation_set.star"),
+                       label="RELION optimisation set")
+    assert protocol.inputOptimisationSet() == str(data["relion"] / "optimisation_set.star")
+    assert protocol.inputTiltSeries.get().getObjId() == meta.tiltSeries.getObjId()
+    _assert_defocus_within_uncertainty(protocol, data)
+    _assert_same_refinement(protocol, coordinates_run)
+    extra = Path(protocol.outDir())
+    assert sorted(p.name for p in (extra / "tilt_series").iterdir()) == ["TS_01.star", "TS_02.star"]
+    assert (extra / "note.txt").read_text().startswith(
+        f"tomoctfrefine refine --i {data['relion'] / 'optimisation_set.star'} --o {extra} --b 96 --do_defocus ")
+    assert not hasattr(protocol, "coordinates")  # the particles are RELION's own file
