@@ -29,7 +29,6 @@ from tomoctfrefine.io.maps import read_map, write_map
 from tomoctfrefine.io.optimisation_set import read_optimisation_set
 from tomoctfrefine.io.star import read_star, write_star
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 CONSOLE = Path(sys.executable).parent / "tomoctfrefine"
 CONFTEST = Path(__file__).resolve().parent / "scipion" / "conftest.py"
 PATH_FIX = "correct the path (relative paths are read from the working directory)"
@@ -38,9 +37,9 @@ QUICK = ["--b", "64", "--do_defocus", "--do_scale", "--j", "1"]
 
 
 @pytest.fixture
-def project(tmp_path) -> Path:
+def project(tmp_path, relion5_small) -> Path:
     """A writable copy of the fixture's inputs; tests run with it as working directory (RELION's rule)."""
-    return make_project(tmp_path / "project")
+    return make_project(relion5_small, tmp_path / "project")
 
 
 def edit_star(path: Path, block: str, edit) -> None:
@@ -325,19 +324,20 @@ def _(root):
             f"{root}/tomograms.star and 1 more); give an output folder that holds none of the inputs, e.g. a new job folder, with --o"]
 
 
-def make_project(root: Path) -> Path:
-    shutil.copytree(FIXTURE, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc", "README.md"))
+def make_project(fixture: Path, root: Path) -> Path:
+    """A writable copy of the RELION-5 fixture's inputs (``fixture``) at ``root``."""
+    shutil.copytree(fixture, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc", "README.md"))
     for path in root.rglob("*"):
         path.chmod(0o644 if path.is_file() else 0o755)
     return root
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory) -> dict:
+def cli_results(tmp_path_factory, relion5_small) -> dict:
     """Break one copy per case, then run every case's console command concurrently."""
     prepared = {}
     for index, (name, (setup, command, arguments)) in enumerate(CASES.items()):
-        root = make_project(tmp_path_factory.mktemp(f"case{index}") / "project")
+        root = make_project(relion5_small, tmp_path_factory.mktemp(f"case{index}") / "project")
         messages = setup(root)
         arguments = [a.replace("{root}", str(root)) for a in arguments]
         prepared[name] = (root, messages, command, arguments, (root / "optimisation_set.star").read_bytes())

@@ -20,7 +20,6 @@ from tomoctfrefine.io.star import read_star
 from tomoctfrefine.io.tomograms import read_tomogram_set, tomogram, tomogram_names
 from tomoctfrefine.simulate import SimulationParameters, load_truth, simulate_dataset
 
-FIXTURE = Path(__file__).resolve().parent / "data" / "relion5_small"
 BIN = Path(sys.executable).parent
 TUTORIAL_FLAGS = ["--b", "128", "--do_defocus", "--do_reg_defocus", "--lambda", "0.1", "--do_scale", "--per_frame_scale", "--j", "1"]
 
@@ -214,14 +213,14 @@ def test_output_folder_equal_to_input_folder_is_refused(dataset):
     assert "Traceback" not in result.stderr
 
 
-def test_refining_the_relion_fixture_writes_what_relion_wrote(tmp_path):
+def test_refining_the_relion_fixture_writes_what_relion_wrote(tmp_path, relion5_small):
     """Same files and columns as RELION 5.0.1's run (a) of the fixture (defocus, scale, aberrations)."""
     out = tmp_path / "out"
     result = refine_cli("--i", "optimisation_set.star", "--o", str(out), "--b", "128", "--do_defocus", "--do_reg_defocus",
                         "--lambda", "0.1", "--do_scale", "--per_frame_scale", "--do_odd_aberrations", "--no", "3",
-                        "--do_even_aberrations", "--ne", "4", "--j", "2", cwd=FIXTURE)
+                        "--do_even_aberrations", "--ne", "4", "--j", "2", cwd=relion5_small)
     assert result.returncode == 0, result.stderr
-    relion = FIXTURE / "runs" / "defocus_scale_aberr"
+    relion = relion5_small / "runs" / "defocus_scale_aberr"
     for name in ("optimisation_set.star", "tomograms.star", "tilt_series/TS_01.star", "particles.star",
                  "group_1_even_phase_per-pixel.mrc", "group_1_even_phase_nonlinear-fit.mrc",
                  "group_1_odd_phase_per-pixel.mrc", "group_1_odd_phase_nonlinear-fit.mrc"):
