@@ -11,7 +11,7 @@ import sys
 
 from ..errors import InputError
 
-SUBCOMMANDS = ("check", "refine", "simulate", "demo", "assess")
+SUBCOMMANDS = ("check", "refine", "simulate", "demo", "assess", "relion_shims")
 
 
 class _Parser(argparse.ArgumentParser):

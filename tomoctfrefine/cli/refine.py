@@ -162,15 +162,18 @@ def run(args: argparse.Namespace) -> int:
     if args.list_themes:
         print("\n".join(THEMES))
         return 0
-    if args.per_tomo_scale:
-        print("notice: --per_tomo_scale is read as --per_tomogram_scale (RELION ignores the short spelling "
-              "and silently runs the global fit instead)", file=sys.stderr)
-        setattr(args, "choice_scale_mode_per_tomogram", True)
-    problems = check_flags(args)
-    if problems:
-        raise InputError(problems)
+    from ..distribute import World
     from ..pipeline import run_refinement
+    from ..pipeline.runner import job_control
 
-    run_refinement(read_inputs(args), options_from_args(args), args.o, command_line=command_line(),
-                   pipeline_control=args.pipeline_control or None, flag_names=PATH_FLAGS)
+    with job_control(args.pipeline_control or None, World()):
+        if args.per_tomo_scale:
+            print("notice: --per_tomo_scale is read as --per_tomogram_scale (RELION ignores the short spelling "
+                  "and silently runs the global fit instead)", file=sys.stderr)
+            setattr(args, "choice_scale_mode_per_tomogram", True)
+        problems = check_flags(args)
+        if problems:
+            raise InputError(problems)
+        run_refinement(read_inputs(args), options_from_args(args), args.o, command_line=command_line(),
+                       pipeline_control=args.pipeline_control or None, flag_names=PATH_FLAGS)
     return 0

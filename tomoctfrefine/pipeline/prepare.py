@@ -10,6 +10,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from .. import forward
 from .. import reference as reference_mod
 from ..distribute import World
 from ..errors import InputError, Problem
@@ -187,6 +188,17 @@ def _claim(workspace: Workspace, tomogram_set) -> None:
         write_text(out_dir / "note.txt", (workspace.command_line or "tomoctfrefine refine") + "\n")
 
 
+def frequency_weights(tomo, images: np.ndarray, cutoff: np.ndarray, options: RefineOptions) -> np.ndarray:
+    """Per-tilt weights ``(n_tilts, s, s//2+1)``: inverse noise power times the reference's frequency weight, each
+    row cut where RELION's ``--cutoff_fract`` cuts it (beyond the last frequency whose weight, relative to the
+    tilt's mean, and dose weight both exceed the fraction)."""
+    weights = reference_mod.noise_weights(images, options.box_size_px, per_frame=options.per_frame_noise) * cutoff[None]
+    if options.cutoff_fraction > 0:
+        weights = weights * forward.row_range_mask(weights, forward.tilt_damping(tomo, options.box_size_px),
+                                                   options.cutoff_fraction)
+    return weights
+
+
 def _accumulate(workspace: Workspace, world: World) -> None:
     options = workspace.options
     numba.set_num_threads(max(1, min(options.threads, numba.config.NUMBA_NUM_THREADS)))
@@ -208,7 +220,7 @@ def _accumulate(workspace: Workspace, world: World) -> None:
                 tomo = data.tomogram(name, adopted_hand=False)
                 rows = data.rows(name)
                 images = tomograms_io.load_tilt_images(tomo)
-                weights = reference_mod.noise_weights(images, options.box_size_px, per_frame=options.per_frame_noise) * cutoff[None]
+                weights = frequency_weights(tomo, images, cutoff, options)
                 selected = data.frame_range(tomo.tilt_count)
                 even, _ = data.zernike(data.optics_group(name))
                 statistics = compute_statistics(

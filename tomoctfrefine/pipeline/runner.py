@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..distribute import World
-from ..errors import InputError, Problem
+from ..errors import Problem
 from ..options import RefineOptions
 from .aberrations import refine_aberrations
 from .assessment import assess_refinement
@@ -18,7 +18,7 @@ from .outputs import write_outputs
 from .plan import STEPS, plan
 from .prepare import prepare
 from .scale import refine_scale
-from .workspace import JobAborted, Workspace, log
+from .workspace import JobAborted, log
 
 _STEP_FUNCTIONS = {"refine_defocus": refine_defocus, "refine_aberrations": refine_aberrations,
                    "refine_scale": refine_scale, "write_outputs": write_outputs}
@@ -84,9 +84,12 @@ def job_control(folder: str | None, world: World | None = None):
 
 def run_refinement(opt, options: RefineOptions, out_dir, command_line: str = "", pipeline_control: str | None = None,
                    flag_names: dict | None = None) -> Path:
-    """Run every step of :func:`~.plan.plan` (the CLI's ``refine``) and return the output optimisation set."""
+    """Run every step of :func:`~.plan.plan` (the CLI's ``refine``) and return the output optimisation set.
+
+    ``pipeline_control`` (RELION's job folder) is checked for an abort request between tomograms; the exit files
+    are written by :func:`job_control` around the whole command (the CLI's)."""
     world = World()
-    with job_control(pipeline_control, world), world.guard(), terminate_on_sigterm():
+    with world.guard(), terminate_on_sigterm():
         started = time.time()
         workspace = prepare(opt, options, out_dir, command_line, world, pipeline_control, flag_names)
         for step in plan(options)[1:]:
@@ -102,5 +105,6 @@ def disk_full_problem(error: OSError) -> Problem | None:
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
     where = error.filename or "the output folder"
-    return Problem(str(where), f"no space left on the device ({error.strerror})",
+    what = "no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is exceeded"
+    return Problem(str(where), what,
                    "free some space (or give another --o), then rerun with --only_do_unfinished: finished tomograms are kept")

@@ -74,6 +74,7 @@ def neighbour_free_evidence(workspace: Workspace, data: RunInputs, name: str, re
         particles_io.particle_rotations(data.particle_set, rows), particles_io.half_sets(data.particle_set, rows),
         data.trajectory_shifts(name, trajectories), scale, selected, cropped, cutoff, model_radius, even, odd_phase,
         accumulated.with_phase_change(delta), per_frame_noise=options.per_frame_noise,
+        cutoff_fraction=options.cutoff_fraction,
         scratch_path=workspace.artefact("refine_scale", f".{name}", ".residual.npy"))
     band = scale_mod.scale_band(options.box_size_px, tomo.pixel_size_angstrom,
                                 lowest_radius_px=scale_mod.MODELLED_SCALE_LOWEST_RADIUS_PX)

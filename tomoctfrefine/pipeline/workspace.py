@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, Problem
+from ..io.atomic import save_npz, write_atomically
 from ..options import RefineOptions, fields as option_fields, flag_of
 from .plan import STEPS
 
@@ -241,25 +242,8 @@ def describe_changes(previous: dict, options: RefineOptions, inputs: dict, input
 # ------------------------------------------------------------------------------ atomic files
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.part")
-
-
-def write_bytes_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename it to ``path``; the temporary file goes on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_text(path: Path, text: str) -> None:
-    write_bytes_atomically(path, lambda tmp: tmp.write_text(text))
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, data) -> None:
@@ -280,11 +264,7 @@ def jsonable(value):
 
 def save_arrays(path: Path, **arrays) -> None:
     """Save arrays atomically (``.npz``); None values are skipped."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
-
-    write_bytes_atomically(path, write)
+    save_npz(path, **arrays)
 
 
 def finished(path: Path) -> bool:
