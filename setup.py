@@ -31,6 +31,7 @@ setup(
     packages=[
         "tomoctfrefine",
         "tomoctfrefine.io",
+        "tomoctfrefine.pipeline",
         "tomoctfrefine.physics",
         "tomoctfrefine.refine",
         "tomoctfrefine.cli",

@@ -99,13 +99,15 @@ def machine_header() -> str:
 
 
 def tutorial_options(box: int, everything: bool = False, threads: int = 2, **extra):
-    """RELION tutorial settings (defocus ±3000 Å in 100 steps, regularised, lambda 0.1, per-frame scale);
-    ``everything`` adds even (order 4) and odd (order 3) aberrations."""
+    """RELION tutorial settings (defocus ±3000 Å in 100 steps, regularised, lambda 0.1, per-frame scale) with the
+    regularisation on the astigmatism only (``--reg_astigmatism_only``, the recommended setting: RELION's meaning of
+    ``--do_reg_defocus`` also pulls each tilt's mean defocus towards the common value, which biases the tilts with
+    little information); ``everything`` adds even (order 4) and odd (order 3) aberrations."""
     from tomoctfrefine.pipeline import RefineOptions
 
     values = dict(box_size_px=box, do_defocus=True, defocus_scan_min_angstrom=-3000.0, defocus_scan_max_angstrom=3000.0,
-                  defocus_scan_steps=100, regularise_defocus=True, regularisation_lambda=0.1, do_scale=True,
-                  scale_mode="per_frame", threads=threads, check_hand=True)
+                  defocus_scan_steps=100, regularise_defocus=True, regularisation_lambda=0.1,
+                  regularise_astigmatism_only=True, do_scale=True, scale_mode="per_frame", threads=threads, check_hand=True)
     if everything:
         values.update(do_even_aberrations=True, even_order=4, do_odd_aberrations=True, odd_order=3)
     values.update(extra)

@@ -17,17 +17,19 @@ next to their Cramér-Rao bounds (the refinement's statistics taken to the true 
 ``common.bounds_from_refinement``), and the even/odd
 phase errors from 30 Å to Nyquist (2.7 Å).
 
-If ``RELION_BIN`` names the folder of RELION 5's binaries (``../shared/spec/oracles_and_data.md`` section 5
-says how to build them), the true, starting and our refined CTF are reconstructed by
-``relion_tomo_reconstruct_particle --b 256 --crop 128`` too and printed side by side with our
-reconstruction (issue 11, item 3), and ``relion_tomo_refine_ctf`` is run with the same tutorial settings
-(``--relion-boxes``) and its result reconstructed by us (a row of the main table) and by RELION. RELION's
-outputs are cached under ``cache/out/relion_*``.
+If ``RELION_BIN`` names the folder of RELION 5's binaries (a CPU build of RELION 5.0.1, commit
+73f0a3c0: ``cmake <src> -DGUI=OFF -DCUDA=OFF -DALTCPU=OFF -DDoublePrec_CPU=ON -DFETCH_WEIGHTS=OFF``, then
+``make refine_ctf reconstruct_particle``; the programs land in ``<build>/bin``), the true, starting and
+our refined CTF are reconstructed by ``relion_tomo_reconstruct_particle --b 256 --crop 128`` too and
+printed side by side with our reconstruction (issue 11, item 3), and ``relion_tomo_refine_ctf`` is run
+with the same tutorial settings (``--relion-boxes``) and its result reconstructed by us (a row of the
+main table) and by RELION. RELION's outputs are cached under ``cache/out/relion_*``; GNU ``time`` (on
+``PATH``) measures RELION's peak memory.
 
     python benchmarks/map_accuracy.py                       # boxes 128, 256, 512
     python benchmarks/map_accuracy.py --boxes 128,256       # box 512 takes longest
     python benchmarks/map_accuracy.py --only map --regularisation relion
-    RELION_BIN=/work/relion/build/bin python benchmarks/map_accuracy.py --boxes 256,512 --relion-boxes 256 --relion-only
+    RELION_BIN=<build>/bin python benchmarks/map_accuracy.py --boxes 256,512 --relion-boxes 256 --relion-only
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def relion_refine(data: Path, out: Path, box: int, everything: bool, relion_bin:
         command += ["--do_even_aberrations", "--ne", "4", "--do_odd_aberrations", "--no", "3"]
     log(f"  RELION: {' '.join(command)}")
     started = time.time()
-    result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *command], cwd=data, capture_output=True, text=True,
+    # GNU time (the program on PATH; no shell, so not the shell keyword) reports RELION's peak memory.
+    result = subprocess.run(["time", "-f", "MAXRSS %M", *command], cwd=data, capture_output=True, text=True,
                             env=relion_environment())
     if result.returncode:
         raise RuntimeError(f"RELION failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")

@@ -3,7 +3,7 @@
 This is the bridge between Scipion's object model and RELION's files, so, like the engine's ``io``
 package, it is a place where RELION's column names appear; the engine itself never sees Scipion.
 
-Conventions (see shared/spec/scipion_plugin.md §c-d):
+Conventions:
 
 * Defocus in Å, positive underfocus, angle in degrees: identical in ``CTFTomo`` and RELION.
 * Tilt images are matched to CTFs and to RELION rows by acquisition order; disabled (excluded) views

@@ -11,23 +11,21 @@ from tomoctfrefine.cli import main
 from tomoctfrefine.io.fsc import read_fsc
 from tomoctfrefine.io.optimisation_set import read_optimisation_set
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
-
 
 @pytest.fixture(scope="module")
-def assessed(tmp_path_factory):
+def assessed(tmp_path_factory, relion5_small):
     folder = tmp_path_factory.mktemp("assess")
     truth_set = folder / "truth_optimisation_set.star"
     truth_set.write_text(
         "\n# version 50001\n\ndata_\n\n"
-        f"_rlnTomoParticlesFile  {FIXTURE / 'truth' / 'particles_true.star'}\n"
-        f"_rlnTomoTomogramsFile  {FIXTURE / 'truth' / 'tomograms_true.star'}\n"
-        f"_rlnTomoReferenceMaskFile  {FIXTURE / 'ref' / 'mask.mrc'}\n\n"
+        f"_rlnTomoParticlesFile  {relion5_small / 'truth' / 'particles_true.star'}\n"
+        f"_rlnTomoTomogramsFile  {relion5_small / 'truth' / 'tomograms_true.star'}\n"
+        f"_rlnTomoReferenceMaskFile  {relion5_small / 'ref' / 'mask.mrc'}\n\n"
     )
     out = folder / "out"
     code = main([
-        "assess", "--before", str(FIXTURE / "optimisation_set.star"), "--after", str(truth_set), "--o", str(out),
-        "--b", "128", "--crop", "64", "--truth", str(FIXTURE / "ref" / "map_true.mrc"), "--j", "2",
+        "assess", "--before", str(relion5_small / "optimisation_set.star"), "--after", str(truth_set), "--o", str(out),
+        "--b", "128", "--crop", "64", "--truth", str(relion5_small / "ref" / "map_true.mrc"), "--j", "2",
     ])
     return code, out, json.loads((out / "assess.json").read_text())
 
@@ -53,7 +51,7 @@ def test_true_ctf_map_is_closer_to_the_truth_than_the_perturbed_one(assessed):
     assert summary["before"]["particles_per_half"] == summary["after"]["particles_per_half"] == [9, 11]
 
 
-def test_outputs_feed_the_next_refinement(assessed):
+def test_outputs_feed_the_next_refinement(assessed, relion5_small):
     _, out, summary = assessed
     for side in ("before", "after"):
         folder = out / side
@@ -65,21 +63,21 @@ def test_outputs_feed_the_next_refinement(assessed):
         opt = read_optimisation_set(folder / "optimisation_set.star")
         assert Path(opt.ref1_path) == (folder / "half1.mrc").resolve()
         assert Path(opt.fsc_path) == (folder / "postprocess.star").resolve()
-        assert Path(opt.mask_path) == (FIXTURE / "ref" / "mask.mrc").resolve()
+        assert Path(opt.mask_path) == (relion5_small / "ref" / "mask.mrc").resolve()
     assert (out / "fsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.rglob(".*")]  # no temporary files left
 
 
-def test_bad_box_is_a_one_line_error(tmp_path, capsys):
-    code = main(["assess", "--before", str(FIXTURE / "optimisation_set.star"), "--after", str(FIXTURE / "optimisation_set.star"),
+def test_bad_box_is_a_one_line_error(tmp_path, capsys, relion5_small):
+    code = main(["assess", "--before", str(relion5_small / "optimisation_set.star"), "--after", str(relion5_small / "optimisation_set.star"),
                  "--o", str(tmp_path / "x"), "--b", "65"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --b [--b]: box size 65 must be even and at least 8; give an even box size such as 128"
 
 
-def test_missing_truth_map_names_the_file_and_flag(tmp_path, capsys):
+def test_missing_truth_map_names_the_file_and_flag(tmp_path, capsys, relion5_small):
     missing = tmp_path / "nope.mrc"
-    code = main(["assess", "--before", str(FIXTURE / "optimisation_set.star"), "--after", str(FIXTURE / "optimisation_set.star"),
+    code = main(["assess", "--before", str(relion5_small / "optimisation_set.star"), "--after", str(relion5_small / "optimisation_set.star"),
                  "--o", str(tmp_path / "x"), "--b", "64", "--truth", str(missing)])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {missing} [--truth]: true map not found; check the path given to --truth"

@@ -29,7 +29,6 @@ from tomoctfrefine.io.maps import read_map, write_map
 from tomoctfrefine.io.optimisation_set import read_optimisation_set
 from tomoctfrefine.io.star import read_star, write_star
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 CONSOLE = Path(sys.executable).parent / "tomoctfrefine"
 CONFTEST = Path(__file__).resolve().parent / "scipion" / "conftest.py"
 PATH_FIX = "correct the path (relative paths are read from the working directory)"
@@ -38,9 +37,9 @@ QUICK = ["--b", "64", "--do_defocus", "--do_scale", "--j", "1"]
 
 
 @pytest.fixture
-def project(tmp_path) -> Path:
+def project(tmp_path, relion5_small) -> Path:
     """A writable copy of the fixture's inputs; tests run with it as working directory (RELION's rule)."""
-    return make_project(tmp_path / "project")
+    return make_project(relion5_small, tmp_path / "project")
 
 
 def edit_star(path: Path, block: str, edit) -> None:
@@ -295,17 +294,18 @@ def _(root):
 
 @case("odd box", flags=["--b", "95", "--do_defocus"])
 def _(root):
-    return ["--b: the box size must be a positive even number, got 95; use an even --b such as 128, 256 or 512"]
+    return ["--b: the box size must be an even number of pixels, at least 16, got 95; use an even box such as 128, 256 or 512"]
 
 
 @case("reversed defocus scan", flags=[*QUICK, "--d0", "2000", "--d1", "-2000"])
 def _(root):
-    return ["--d0/--d1: the defocus scan is empty: --d0 2000 is not below --d1 -2000; scan a range such as --d0 -3000 --d1 3000"]
+    return ["--d0/--d1: the defocus scan is empty: 2000 Å is not below -2000 Å; scan a range such as -3000 to 3000 Å"]
 
 
 @case("both scale modes", flags=[*QUICK, "--per_frame_scale", "--per_tomo_scale"])
 def _(root):
-    return ["--per_frame_scale/--per_tomogram_scale: the two scale models contradict each other; choose one scale model"]
+    return ["--per_frame_scale/--per_tomogram_scale: the per-frame and per-tomogram scale models exclude each other; "
+            "choose one of them"]
 
 
 @case("misspelt flag", flags=[*QUICK, "--do_defocuss"])
@@ -320,22 +320,24 @@ def _(root):
 
 @case("output folder is the input folder, absolute", args=["--i", "optimisation_set.star", "--o", "{root}"])
 def _(root):
-    return [f"{root}: the output folder holds input files that the outputs would overwrite; choose another output folder with --o"]
+    return [f"{root}: the outputs would overwrite input files ({root}/optimisation_set.star, {root}/particles.star, "
+            f"{root}/tomograms.star and 1 more); give an output folder that holds none of the inputs, e.g. a new job folder, with --o"]
 
 
-def make_project(root: Path) -> Path:
-    shutil.copytree(FIXTURE, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc", "README.md"))
+def make_project(fixture: Path, root: Path) -> Path:
+    """A writable copy of the RELION-5 fixture's inputs (``fixture``) at ``root``."""
+    shutil.copytree(fixture, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc", "README.md"))
     for path in root.rglob("*"):
         path.chmod(0o644 if path.is_file() else 0o755)
     return root
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory) -> dict:
+def cli_results(tmp_path_factory, relion5_small) -> dict:
     """Break one copy per case, then run every case's console command concurrently."""
     prepared = {}
     for index, (name, (setup, command, arguments)) in enumerate(CASES.items()):
-        root = make_project(tmp_path_factory.mktemp(f"case{index}") / "project")
+        root = make_project(relion5_small, tmp_path_factory.mktemp(f"case{index}") / "project")
         messages = setup(root)
         arguments = [a.replace("{root}", str(root)) for a in arguments]
         prepared[name] = (root, messages, command, arguments, (root / "optimisation_set.star").read_bytes())
@@ -385,19 +387,25 @@ def api_problems(root: Path, options: pipeline.RefineOptions, out_name="out", **
     finally:
         os.chdir(cwd)
     out = root / out_name
-    assert not (out / "optimisation_set.star").exists() and not (out / "summary.json").exists()
+    assert not (out / "summary.json").exists()
+    assert out.resolve() == root.resolve() or not (out / "optimisation_set.star").exists()
     return [str(p) for p in caught.value.problems]
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(scale_mode="per_tomo"), "RefineOptions [scale_mode]: unknown scale mode 'per_tomo'; use 'per_frame', 'per_tomogram' or 'global'"),
+    (dict(scale_mode="per_tomo"),
+     "RefineOptions [scale_mode]: the scale model must be one of per_frame, per_tomogram, global, got 'per_tomo'; "
+     "use per_frame, per_tomogram or global"),
     (dict(do_defocus=True, defocus_scan_min_angstrom=1000.0, defocus_scan_max_angstrom=1000.0),
-     "RefineOptions [defocus_scan_min_angstrom]: the defocus scan is empty: 1000 Å is not below 1000 Å; scan a range such as -3000 to 3000 Å"),
-    (dict(do_even_aberrations=True, even_order=5), "RefineOptions [even_order]: the even aberration order must be 2, 4, 6 or 8, got 5; use 4"),
+     "RefineOptions [defocus_scan_min_angstrom/defocus_scan_max_angstrom]: the defocus scan is empty: 1000 Å is not "
+     "below 1000 Å; scan a range such as -3000 to 3000 Å"),
+    (dict(do_even_aberrations=True, even_order=5), "RefineOptions [even_order]: the even aberration order must be one of 2, 4, 6, 8, got 5; use 4"),
     (dict(threads=0), "RefineOptions [threads]: the thread count must be at least 1, got 0; use 1 or more"),
     (dict(regularise_defocus=True, regularisation_lambda=float("nan")),
-     "RefineOptions [regularisation_lambda]: the regularisation strength must be a non-negative number, got nan; use e.g. 0.1"),
-    (dict(box_size_px=65), "command line: box size 65 px must be even and positive; give an even box size"),
+     "RefineOptions [regularisation_lambda]: the regularisation strength must be a finite number, got nan; use e.g. 0.1"),
+    (dict(box_size_px=65),
+     "RefineOptions [box_size_px]: the box size must be an even number of pixels, at least 16, got 65; use an even box "
+     "such as 128, 256 or 512"),
 ])
 def test_api_refuses_bad_options(project, changes, message):
     options = pipeline.RefineOptions(**{"box_size_px": 64, "do_defocus": True, "threads": 1, **changes})
@@ -412,8 +420,11 @@ def test_api_names_the_overridden_path(project):
 
 def test_api_output_folder_is_the_input_folder(project):
     options = pipeline.RefineOptions(box_size_px=64, do_defocus=True, threads=1)
-    assert api_problems(project, options, out_name="ref", ref1=str(project / "ref" / "half1.mrc")) == [
-        f"ref: the output folder holds input files that the outputs would overwrite; choose another output folder with --o"]
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    assert api_problems(project, options, out_name="tilt_series/..") == [
+        f"tilt_series/..: the outputs would overwrite input files ({project}/optimisation_set.star, {project}/particles.star, "
+        f"{project}/tomograms.star and 1 more); give an output folder that holds none of the inputs, e.g. a new job folder, with --o"]
+    assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
 
 
 def test_api_step_without_prepare(tmp_path):

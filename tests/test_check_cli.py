@@ -11,7 +11,6 @@ import pytest
 from tomoctfrefine.cli import main
 from tomoctfrefine.errors import InputError
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 CONSOLE = Path(sys.executable).parent / "tomoctfrefine"
 
 SUMMARY = """tomograms: 1
@@ -29,23 +28,23 @@ trajectories: none
 """
 
 
-def test_console_script_on_the_fixture():
-    result = subprocess.run([str(CONSOLE), "check", "--i", str(FIXTURE / "optimisation_set.star")], capture_output=True, text=True, timeout=120)
+def test_console_script_on_the_fixture(relion5_small):
+    result = subprocess.run([str(CONSOLE), "check", "--i", str(relion5_small / "optimisation_set.star")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == SUMMARY + "no problem found\n"
     assert result.stderr == ""
 
 
-def test_check_from_the_project_directory(monkeypatch, capsys):
-    monkeypatch.chdir(FIXTURE)
+def test_check_from_the_project_directory(monkeypatch, capsys, relion5_small):
+    monkeypatch.chdir(relion5_small)
     assert main(["check", "--i", "optimisation_set.star", "--b", "128"]) == 0
     assert capsys.readouterr().out == SUMMARY + "no problem found\n"
 
 
 @pytest.fixture
-def broken(tmp_path, monkeypatch):
+def broken(tmp_path, monkeypatch, relion5_small):
     root = tmp_path / "project"
-    shutil.copytree(FIXTURE, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc"))
+    shutil.copytree(relion5_small, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc"))
     for path in root.rglob("*"):
         path.chmod(0o644 if path.is_file() else 0o755)
     monkeypatch.chdir(root)

@@ -123,11 +123,11 @@ def test_eigen_decomposition_follows_relions_dsyev2_sign_convention():
     assert defocus_from_quadratic_form(-20000.0, 0.0, -20000.0) == (20000.0, 20000.0, 0.0)
 
 
-def test_relion_written_defocus_triples_are_fixed_points():
+def test_relion_written_defocus_triples_are_fixed_points(relion5_small):
     """RELION 5.0.1's refined (U, V, angle) of the fixture come out of dsyev2, so they map to themselves."""
     from tomoctfrefine.io.star import read_star
 
-    path = "/work/shared/fixtures/relion5_small/runs/defocus_scale_aberr/tilt_series/TS_01.star"
+    path = relion5_small / "runs" / "defocus_scale_aberr" / "tilt_series" / "TS_01.star"
     table = read_star(path).blocks["TS_01"]
     for u, v, angle in zip(table["rlnDefocusU"], table["rlnDefocusV"], table["rlnDefocusAngle"]):
         assert defocus_from_quadratic_form(*quadratic_form_from_defocus(u, v, angle)) == pytest.approx((u, v, angle), abs=1e-6)

@@ -3,7 +3,6 @@ checked against closed forms, a real-space projection, an independent extraction
 fixture with its true CTF."""
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,6 @@ from tomoctfrefine.io.particles import half_sets, particle_positions_px, particl
 from tomoctfrefine.io.tomograms import Tomogram, load_tilt_images, read_tomogram_set, tomogram
 from tomoctfrefine.physics.ctf import Optics, ctf_gamma
 from tomoctfrefine.physics.geometry import euler_zyz_matrices, euler_zyz_matrix, fourier_grid_per_angstrom, projection_matrix
-
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 
 
 def synthetic_tomogram(tilts_deg, size=(160, 160, 64), image=(160, 160), pixel=2.0, zrot=7.0, defocus=20000.0):
@@ -249,18 +246,18 @@ def test_box_extraction_follows_the_spec_including_edge_clamping():
 
 
 @pytest.fixture(scope="module")
-def fixture_data():
-    tomo = tomogram(read_tomogram_set(FIXTURE / "truth" / "tomograms_true.star"), "TS_01")
-    pset = read_particle_set(FIXTURE / "truth" / "particles_true.star")
+def fixture_data(relion5_small):
+    tomo = tomogram(read_tomogram_set(relion5_small / "truth" / "tomograms_true.star"), "TS_01")
+    pset = read_particle_set(relion5_small / "truth" / "particles_true.star")
     rows = particles_of(pset, "TS_01")
-    half1, pixel = read_map(FIXTURE / "ref" / "half1.mrc")
-    half2, _ = read_map(FIXTURE / "ref" / "half2.mrc")
-    mask, _ = read_map(FIXTURE / "ref" / "mask.mrc")
+    half1, pixel = read_map(relion5_small / "ref" / "half1.mrc")
+    half2, _ = read_map(relion5_small / "ref" / "half2.mrc")
+    mask, _ = read_map(relion5_small / "ref" / "mask.mrc")
     s = 96
     refs = reference.prepare_references(half1, half2, mask, s, pixel)
     images = load_tilt_images(tomo)
     weights = reference.noise_weights(images, s) * reference.frequency_cutoff_weight(refs)
-    truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())
+    truth = json.loads((relion5_small / "truth" / "truth.json").read_text())
     return dict(tomo=tomo, images=images, positions=particle_positions_px(pset, rows, tomo),
                 rotations=particle_rotations(pset, rows), halves=half_sets(pset, rows), even=optics_zernike(pset, 1)[0],
                 refs=refs, weights=weights, truth=truth, s=s)
@@ -342,14 +339,14 @@ def test_box_noise_fraction_matches_white_noise_in_observed_boxes():
     assert power == pytest.approx(forward.box_noise_fraction(128), rel=0.01)
 
 
-def test_fixture_odd_aberration_enters_as_exp_plus_i_chi_odd(fixture_data):
+def test_fixture_odd_aberration_enters_as_exp_plus_i_chi_odd(fixture_data, relion5_small):
     """With the truth's odd Zernike terms, the model o = -c exp(i chi_odd) sin(gamma) q explains more than
     without them, and the opposite sign explains less (RELION multiplies predictions by exp(i chi_odd))."""
     from tomoctfrefine.io.particles import optics_zernike as zernike_of
     from tomoctfrefine.physics.zernike import odd_phase_rad
 
     d = fixture_data
-    pset = read_particle_set(FIXTURE / "truth" / "particles_true.star")
+    pset = read_particle_set(relion5_small / "truth" / "particles_true.star")
     odd = zernike_of(pset, 1)[1]
     assert odd == [0.0, 0.0, 150.0, 0.0, 0.0, -100.0]
     stats = statistics.compute_statistics(d["tomo"], d["images"], d["positions"], d["rotations"], d["halves"], d["refs"],

@@ -4,7 +4,6 @@ Half maps = the fixture's true map + independent noise of a known spectrum. The 
 maps is then known from the noise itself: signal power / (signal + noise power) of ``mask * map``
 per shell, without the signal-noise and noise-noise cross terms that the estimate contains.
 """
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -21,7 +20,6 @@ from tomoctfrefine.fsc import (
 from tomoctfrefine.io.fsc import read_fsc
 from tomoctfrefine.io.star import read_star
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 PIXEL = 2.0
 
 
@@ -31,8 +29,8 @@ def _read(path):
 
 
 @pytest.fixture(scope="module")
-def truth():
-    return _read(FIXTURE / "ref" / "map_true.mrc"), _read(FIXTURE / "ref" / "mask.mrc")
+def truth(relion5_small):
+    return _read(relion5_small / "ref" / "map_true.mrc"), _read(relion5_small / "ref" / "mask.mrc")
 
 
 def _coloured_noise(rng, s, sigma):
@@ -80,10 +78,10 @@ def test_resolution_at_interpolates_between_shells():
     assert resolution_at(np.ones(5), 0.143, 8, 2.0) == 4.0  # never drops: Nyquist
 
 
-def test_masked_correlation_reproduces_the_fixture_readme(truth):
+def test_masked_correlation_reproduces_the_fixture_readme(truth, relion5_small):
     true_map, mask = truth
-    relion = _read(FIXTURE / "runs" / "reconstruct_truth" / "merged.mrc")
-    relion_refined = _read(FIXTURE / "runs" / "reconstruct" / "merged.mrc")
+    relion = _read(relion5_small / "runs" / "reconstruct_truth" / "merged.mrc")
+    relion_refined = _read(relion5_small / "runs" / "reconstruct" / "merged.mrc")
     # README: "reconstruction vs true map, masked, low-passed at 0.15/px: 0.917 (true CTF: 0.917)"
     assert round(masked_correlation(relion_refined, true_map, mask, lowpass_per_px=0.15), 3) == 0.917
     assert round(masked_correlation(relion, true_map, mask, lowpass_per_px=0.15), 3) == 0.917

@@ -20,7 +20,6 @@ import pytest
 from tomoctfrefine.io.fsc import FscCurve, write_fsc
 from tomoctfrefine.io.trajectories import write_trajectories
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 BIN = Path(sys.executable).parent
 EVERYTHING = ["--mot", "motion.star", "--fsc", "postprocess.star", "--b", "64", "--do_defocus", "--do_reg_defocus", "--lambda", "0.1",
               "--do_scale", "--per_tomogram_scale", "--do_even_aberrations", "--do_odd_aberrations", "--diag", "--j", "1"]
@@ -40,9 +39,9 @@ def snapshot(root: Path, skip: tuple = ()) -> dict:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, relion5_small) -> Path:
     root = tmp_path_factory.mktemp("inputs") / "project"
-    shutil.copytree(FIXTURE, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc"))
+    shutil.copytree(relion5_small, root, ignore=shutil.ignore_patterns("runs", "truth", "map_true.mrc"))
     write_trajectories(root / "motion.star", {f"TS_01/{i}": np.full((13, 3), 0.25 * (i % 3)) for i in range(1, 31)})
     index = np.arange(33)
     write_fsc(root / "postprocess.star", FscCurve(index, np.where(index > 0, 128.0 / np.maximum(index, 1), np.inf),

@@ -19,8 +19,6 @@ from tomoctfrefine.io.star import read_star, write_star
 from tomoctfrefine.io.trajectories import read_trajectories, write_trajectories
 from tomoctfrefine.physics.geometry import euler_zyz_matrix, project
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
-MRC_FILES = sorted(FIXTURE.rglob("*.mrc"))
 EXPECTED_MRC = {
     "half1.mrc": ((64, 64, 64), 2.0),
     "half2.mrc": ((64, 64, 64), 2.0),
@@ -39,8 +37,8 @@ def frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
 # ---------------------------------------------------------------- maps
 
 
-@pytest.mark.parametrize("path", MRC_FILES, ids=lambda p: str(p.relative_to(FIXTURE)))
-def test_every_fixture_mrc_file_reads(path):
+def test_every_fixture_mrc_file_reads(relion5_small_mrc):
+    path = relion5_small_mrc
     header = read_map_header(path)
     data, voxel = read_map(path)
     assert header.size_matches
@@ -52,8 +50,8 @@ def test_every_fixture_mrc_file_reads(path):
         assert header.shape == (1, 128, 128)
 
 
-def test_map_round_trip_is_exact(tmp_path):
-    data, voxel = read_map(FIXTURE / "ref" / "half1.mrc")
+def test_map_round_trip_is_exact(tmp_path, relion5_small):
+    data, voxel = read_map(relion5_small / "ref" / "half1.mrc")
     write_map(tmp_path / "copy.mrc", data, voxel)
     again, voxel_again = read_map(tmp_path / "copy.mrc")
     assert voxel_again == 2.0
@@ -61,22 +59,22 @@ def test_map_round_trip_is_exact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["copy.mrc"]
 
 
-def test_stack_is_memory_mapped_and_equals_the_data():
-    stack = memmap_stack(FIXTURE / "tilt_series" / "TS_01.mrc")
+def test_stack_is_memory_mapped_and_equals_the_data(relion5_small):
+    stack = memmap_stack(relion5_small / "tilt_series" / "TS_01.mrc")
     assert isinstance(stack, np.memmap) and stack.shape == (13, 256, 256)
-    np.testing.assert_array_equal(np.asarray(stack), read_map(FIXTURE / "tilt_series" / "TS_01.mrc")[0])
+    np.testing.assert_array_equal(np.asarray(stack), read_map(relion5_small / "tilt_series" / "TS_01.mrc")[0])
 
 
 # ---------------------------------------------------------------- optimisation set
 
 
-def test_optimisation_set_reads_all_keys_and_overrides():
-    opt = read_optimisation_set(FIXTURE / "optimisation_set.star")
+def test_optimisation_set_reads_all_keys_and_overrides(relion5_small):
+    opt = read_optimisation_set(relion5_small / "optimisation_set.star")
     assert (opt.particles_path, opt.tomograms_path, opt.ref1_path, opt.ref2_path, opt.mask_path) == (
         "particles.star", "tomograms.star", "ref/half1.mrc", "ref/half2.mrc", "ref/mask.mrc")
     assert opt.trajectories_path is None and opt.fsc_path is None
-    assert opt.resolved("ref1_path") == FIXTURE / "ref" / "half1.mrc"
-    over = read_optimisation_set(FIXTURE / "optimisation_set.star", particles="other.star", fsc="post.star", trajectories="m.star")
+    assert opt.resolved("ref1_path") == relion5_small / "ref" / "half1.mrc"
+    over = read_optimisation_set(relion5_small / "optimisation_set.star", particles="other.star", fsc="post.star", trajectories="m.star")
     assert over.particles_path == "other.star" and over.fsc_path == "post.star" and over.trajectories_path == "m.star"
     assert over.tomograms_path == "tomograms.star"
     assert over.overridden == {"particles_path", "fsc_path", "trajectories_path"}
@@ -84,9 +82,9 @@ def test_optimisation_set_reads_all_keys_and_overrides():
     assert flags_only.source_path is None and flags_only.ref1_path is None
 
 
-def test_optimisation_set_round_trip_keeps_unknown_keys(tmp_path):
+def test_optimisation_set_round_trip_keeps_unknown_keys(tmp_path, relion5_small):
     path = tmp_path / "opt.star"
-    path.write_text((FIXTURE / "optimisation_set.star").read_text() + "_rlnTomoManifoldsFile  manifolds.star\n"
+    path.write_text((relion5_small / "optimisation_set.star").read_text() + "_rlnTomoManifoldsFile  manifolds.star\n"
                     "_rlnTomoTrajectoriesFile  motion.star\n_rlnTomoReferenceFscFile  post.star\n")
     opt = read_optimisation_set(path)
     assert opt.extra == {"rlnTomoManifoldsFile": "manifolds.star"}
@@ -96,12 +94,12 @@ def test_optimisation_set_round_trip_keeps_unknown_keys(tmp_path):
     assert again.extra == opt.extra and again.version == "50001"
 
 
-def test_relion_output_optimisation_set_holds_two_entries():
-    opt = read_optimisation_set(FIXTURE / "runs" / "defocus_scale_aberr" / "optimisation_set.star")
+def test_relion_output_optimisation_set_holds_two_entries(relion5_small):
+    opt = read_optimisation_set(relion5_small / "runs" / "defocus_scale_aberr" / "optimisation_set.star")
     assert opt.particles_path == "runs/defocus_scale_aberr/particles.star"
     assert opt.ref1_path is None
     # written relative to RELION's working directory: found through the parents of its folder
-    assert opt.resolved("tomograms_path") == FIXTURE / "runs" / "defocus_scale_aberr" / "tomograms.star"
+    assert opt.resolved("tomograms_path") == relion5_small / "runs" / "defocus_scale_aberr" / "tomograms.star"
 
 
 def test_resolve_path_prefers_the_working_directory(tmp_path, monkeypatch):
@@ -121,11 +119,11 @@ def test_resolve_path_prefers_the_working_directory(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tset():
-    return T.read_tomogram_set(FIXTURE / "tomograms.star")
+def tset(relion5_small):
+    return T.read_tomogram_set(relion5_small / "tomograms.star")
 
 
-def test_v5_tomogram_reads(tset):
+def test_v5_tomogram_reads(tset, relion5_small):
     assert tset.format_version == 5 and T.tomogram_names(tset) == ["TS_01"]
     tomo = T.tomogram(tset, "TS_01")
     assert tomo.image_size_px == (256, 256) and tomo.size_px == (256, 256, 100)
@@ -137,7 +135,7 @@ def test_v5_tomogram_reads(tset):
     np.testing.assert_array_equal(tomo.pre_exposure_e_per_angstrom2, [36, 33, 24, 21, 12, 9, 0, 3, 6, 15, 18, 27, 30])
     np.testing.assert_array_equal(tomo.ctf_scale, np.ones(13))
     np.testing.assert_array_equal(tomo.phase_shift_deg, np.zeros(13))
-    assert tomo.stack_path == FIXTURE / "tilt_series" / "TS_01.mrc" and tomo.micrograph_paths is None
+    assert tomo.stack_path == relion5_small / "tilt_series" / "TS_01.mrc" and tomo.micrograph_paths is None
 
 
 def test_v5_matrices_map_the_integer_centre_to_image_centre_plus_shift(tset):
@@ -154,7 +152,7 @@ def test_load_tilt_images_option_a(tset):
     assert isinstance(images, np.memmap) and images.shape == (13, 256, 256) and images.dtype == np.float32
 
 
-def test_v5_write_then_read_is_identical(tset, tmp_path):
+def test_v5_write_then_read_is_identical(tset, tmp_path, relion5_small):
     path = T.write_tomogram_set(tset, tmp_path / "out")
     assert path == tmp_path / "out" / "tomograms.star"
     assert (tmp_path / "out" / "tilt_series" / "TS_01.star").exists()
@@ -166,7 +164,7 @@ def test_v5_write_then_read_is_identical(tset, tmp_path):
     frames_equal(again.tilt_tables["TS_01"], tset.tilt_tables["TS_01"])
     np.testing.assert_array_equal(T.tomogram(again, "TS_01").projection_matrices, T.tomogram(tset, "TS_01").projection_matrices)
     # the stack path is rewritten only because it does not resolve from the working directory
-    assert T.tomogram(again, "TS_01").stack_path.resolve() == (FIXTURE / "tilt_series" / "TS_01.mrc")
+    assert T.tomogram(again, "TS_01").stack_path.resolve() == (relion5_small / "tilt_series" / "TS_01.mrc")
 
 
 def _written_tilt_series_files(tset, tmp_path, input_path: str) -> list[str]:
@@ -205,10 +203,10 @@ def test_tilt_series_paths_outside_relion_layout_go_to_tilt_series_folder(tset, 
     assert _written_tilt_series_files(tset, tmp_path, input_path) == ["tilt_series/TS_01.star"]
 
 
-def test_relion_written_tomogram_set_reads(tset):
-    refined = T.read_tomogram_set(FIXTURE / "runs" / "defocus_scale_aberr" / "tomograms.star")
+def test_relion_written_tomogram_set_reads(tset, relion5_small):
+    refined = T.read_tomogram_set(relion5_small / "runs" / "defocus_scale_aberr" / "tomograms.star")
     tomo = T.tomogram(refined, "TS_01")
-    assert tomo.stack_path == FIXTURE / "tilt_series" / "TS_01.mrc"
+    assert tomo.stack_path == relion5_small / "tilt_series" / "TS_01.mrc"
     assert tomo.defocus_u_angstrom[0] != T.tomogram(tset, "TS_01").defocus_u_angstrom[0]
     # RELION 5.0.1 rewrites the angles and shifts with 5 decimals when negative (%12.5f)
     np.testing.assert_allclose(tomo.projection_matrices, T.tomogram(tset, "TS_01").projection_matrices, rtol=0, atol=5e-5)
@@ -230,8 +228,8 @@ def test_v4_made_from_v5_gives_the_same_matrices(tset, tmp_path):
     assert second.read_text() == text
 
 
-def test_option_b_per_tilt_micrographs(tset, tmp_path):
-    stack = read_map(FIXTURE / "tilt_series" / "TS_01.mrc")[0]
+def test_option_b_per_tilt_micrographs(tset, tmp_path, relion5_small):
+    stack = read_map(relion5_small / "tilt_series" / "TS_01.mrc")[0]
     (tmp_path / "frames").mkdir()
     names = []
     for f in range(len(stack)):
@@ -239,10 +237,10 @@ def test_option_b_per_tilt_micrographs(tset, tmp_path):
         names.append(f"frames/tilt_{f:02d}.mrc")
     table = tset.tilt_tables["TS_01"].copy()
     table.insert(0, "rlnMicrographName", names)
-    write_star(read_star(FIXTURE / "tilt_series" / "TS_01.star").__class__({"TS_01": table}), tmp_path / "ts" / "TS_01.star")
+    write_star(read_star(relion5_small / "tilt_series" / "TS_01.star").__class__({"TS_01": table}), tmp_path / "ts" / "TS_01.star")
     global_table = tset.global_table.drop(columns=["rlnTomoTiltSeriesName", "rlnTomoFrameCount"]).copy()
     global_table["rlnTomoTiltSeriesStarFile"] = ["ts/TS_01.star"]
-    write_star(read_star(FIXTURE / "tomograms.star").__class__({"global": global_table}), tmp_path / "tomograms.star")
+    write_star(read_star(relion5_small / "tomograms.star").__class__({"global": global_table}), tmp_path / "tomograms.star")
     option_b = T.read_tomogram_set(tmp_path / "tomograms.star")
     tomo = T.tomogram(option_b, "TS_01")
     assert tomo.stack_path is None and len(tomo.micrograph_paths) == 13 and tomo.image_size_px == (256, 256)
@@ -269,8 +267,8 @@ def test_with_tilt_ctf_and_global_values(tset, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pset():
-    return P.read_particle_set(FIXTURE / "particles.star")
+def pset(relion5_small):
+    return P.read_particle_set(relion5_small / "particles.star")
 
 
 def test_v5_particles_read(pset):
@@ -331,16 +329,16 @@ def test_v4_particles_add_one(pset, tset, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["particles.star", "runs/defocus_scale_aberr/particles.star", "truth/particles_true.star"])
-def test_particles_write_then_read_is_identical(name, tmp_path):
-    original = P.read_particle_set(FIXTURE / name)
+def test_particles_write_then_read_is_identical(name, tmp_path, relion5_small):
+    original = P.read_particle_set(relion5_small / name)
     again = P.read_particle_set(P.write_particle_set(original, tmp_path / "p.star"))
     assert again.format_version == original.format_version and again.general == original.general
     frames_equal(again.optics, original.optics)
     frames_equal(again.particles, original.particles)
 
 
-def test_zernike_lists(pset, tmp_path):
-    refined = P.read_particle_set(FIXTURE / "runs" / "defocus_scale_aberr" / "particles.star")
+def test_zernike_lists(pset, tmp_path, relion5_small):
+    refined = P.read_particle_set(relion5_small / "runs" / "defocus_scale_aberr" / "particles.star")
     even, odd = P.optics_zernike(refined, 1)
     assert len(even) == 9 and len(odd) == 6 and even[0] == 45.7087298722 and odd[5] == -119.180909584
     assert P.optics_zernike(pset, 1) == ([], [])
@@ -388,7 +386,7 @@ def test_fsc_round_trip(tmp_path):
     np.testing.assert_allclose(again.resolution_angstrom[1:], resolution[1:], rtol=1e-11)
 
 
-def test_angles_win_over_projection_columns_and_mrc_suffix_is_ignored(tset):
+def test_angles_win_over_projection_columns_and_mrc_suffix_is_ignored(tset, relion5_small):
     table = tset.tilt_tables["TS_01"].copy()
     for column in T.PROJECTION:
         table[column] = "[1,0,0,0]"
@@ -396,5 +394,5 @@ def test_angles_win_over_projection_columns_and_mrc_suffix_is_ignored(tset):
     global_table["rlnTomoTiltSeriesName"] = ["tilt_series/TS_01.mrc:mrc"]
     both = T.TomogramSet(global_table, {"TS_01": table}, 5, tset.path, tset.version, tset.tilt_paths)
     tomo = T.tomogram(both, "TS_01")
-    assert tomo.stack_path == FIXTURE / "tilt_series" / "TS_01.mrc"
+    assert tomo.stack_path == relion5_small / "tilt_series" / "TS_01.mrc"
     np.testing.assert_array_equal(tomo.projection_matrices, T.tomogram(tset, "TS_01").projection_matrices)

@@ -20,7 +20,6 @@ from tomoctfrefine.io.star import read_star
 from tomoctfrefine.io.tomograms import read_tomogram_set, tomogram, tomogram_names
 from tomoctfrefine.simulate import SimulationParameters, load_truth, simulate_dataset
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "relion5_small"
 BIN = Path(sys.executable).parent
 TUTORIAL_FLAGS = ["--b", "128", "--do_defocus", "--do_reg_defocus", "--lambda", "0.1", "--do_scale", "--per_frame_scale", "--j", "1"]
 
@@ -141,14 +140,55 @@ def test_killed_and_resumed_equals_uninterrupted(dataset, serial_run, tmp_path, 
     same_outputs(out, serial_run)
 
 
-def test_resume_with_other_settings_is_refused(dataset, serial_run, tmp_path):
+def test_resume_with_other_settings_redoes_what_they_change(dataset, serial_run, tmp_path):
+    """A resumed run is the run the user asked for: --lambda changed, the statistics are kept, the defocus and the
+    steps after it are redone, and the result equals a fresh run with the new --lambda."""
+    flags = [f if f != "0.1" else "0.3" for f in TUTORIAL_FLAGS]
+    fresh = tmp_path / "fresh"
+    assert refine_cli("--i", "optimisation_set.star", "--o", str(fresh), *flags, cwd=dataset).returncode == 0
     out = tmp_path / "out"
     shutil.copytree(serial_run, out)
-    result = refine_cli("--i", "optimisation_set.star", "--o", str(out), *TUTORIAL_FLAGS[:-2], "--j", "1", "--b", "96",
-                        "--only_do_unfinished", cwd=dataset)
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("--only_do_unfinished: this folder holds a run with other inputs or settings; "
-                                          "resume with the same inputs and flags, or use a new --o")
+    statistics = (out / "temp" / "statistics" / "TS_01.npz").stat().st_mtime_ns
+    result = refine_cli("--i", "optimisation_set.star", "--o", str(out), *flags, "--only_do_unfinished", cwd=dataset)
+    assert result.returncode == 0, result.stderr
+    assert "--only_do_unfinished: --lambda 0.1 -> 0.3 since the earlier run: its results from the defocus step on are redone" in result.stdout
+    assert (out / "temp" / "statistics" / "TS_01.npz").stat().st_mtime_ns == statistics
+    same_outputs(out, fresh)
+    assert "--lambda 0.3" in (out / "note.txt").read_text()
+
+
+def test_resume_after_the_inputs_changed_starts_again(dataset, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(dataset, data)
+    assert refine_cli("--i", "optimisation_set.star", "--o", str(out), *TUTORIAL_FLAGS, cwd=data).returncode == 0
+    star = data / "tilt_series" / "TS_02.star"
+    star.write_text(star.read_text().replace(" 1.000000 ", " 0.900000 "))
+    result = refine_cli("--i", "optimisation_set.star", "--o", str(out), *TUTORIAL_FLAGS, "--only_do_unfinished", cwd=data)
+    assert result.returncode == 0, result.stderr
+    assert ("--only_do_unfinished: the input files' contents since the earlier run: its results from the statistics "
+            "step on are redone") in result.stdout
+    assert "prepare: TS_01 (1/2" in result.stdout  # redone, not skipped
+    assert "ended without finishing" not in result.stdout
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(dataset, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([str(BIN / "tomoctfrefine"), "refine", "--i", "optimisation_set.star", "--o", str(out), *TUTORIAL_FLAGS],
+                             cwd=dataset, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "temp" / "run.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    second = refine_cli("--i", "optimisation_set.star", "--o", str(out), *TUTORIAL_FLAGS, cwd=dataset)
+    first.send_signal(signal.SIGTERM)
+    _, first_err = first.communicate(timeout=60)
+    assert second.returncode == 2
+    assert f"error: {out}: another tomoctfrefine run is writing to this folder (pid {first.pid} on " in second.stderr
+    assert first.returncode == 143
+    assert first_err.strip().splitlines()[-1] == "terminated (SIGTERM): finished tomograms are kept; rerun with --only_do_unfinished to resume"
+    assert "Traceback" not in first_err + second.stderr
+    # the lock of a dead run is taken over
+    third = refine_cli("--i", "optimisation_set.star", "--o", str(out), *TUTORIAL_FLAGS, "--only_do_unfinished", cwd=dataset)
+    assert third.returncode == 0, third.stderr
 
 
 def test_mpirun_two_ranks_equals_serial(dataset, serial_run, tmp_path):
@@ -167,18 +207,20 @@ def test_mpirun_two_ranks_equals_serial(dataset, serial_run, tmp_path):
 def test_output_folder_equal_to_input_folder_is_refused(dataset):
     result = refine_cli("--i", "optimisation_set.star", "--o", ".", *TUTORIAL_FLAGS, cwd=dataset)
     assert result.returncode == 2
-    assert "the output folder holds input files that the outputs would overwrite; choose another output folder with --o" in result.stderr
+    assert result.stderr.startswith("error: .: the outputs would overwrite input files (")
+    assert result.stderr.rstrip().endswith("; give an output folder that holds none of the inputs, e.g. a new job folder, with --o")
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
 
 
-def test_refining_the_relion_fixture_writes_what_relion_wrote(tmp_path):
+def test_refining_the_relion_fixture_writes_what_relion_wrote(tmp_path, relion5_small):
     """Same files and columns as RELION 5.0.1's run (a) of the fixture (defocus, scale, aberrations)."""
     out = tmp_path / "out"
     result = refine_cli("--i", "optimisation_set.star", "--o", str(out), "--b", "128", "--do_defocus", "--do_reg_defocus",
                         "--lambda", "0.1", "--do_scale", "--per_frame_scale", "--do_odd_aberrations", "--no", "3",
-                        "--do_even_aberrations", "--ne", "4", "--j", "2", cwd=FIXTURE)
+                        "--do_even_aberrations", "--ne", "4", "--j", "2", cwd=relion5_small)
     assert result.returncode == 0, result.stderr
-    relion = FIXTURE / "runs" / "defocus_scale_aberr"
+    relion = relion5_small / "runs" / "defocus_scale_aberr"
     for name in ("optimisation_set.star", "tomograms.star", "tilt_series/TS_01.star", "particles.star",
                  "group_1_even_phase_per-pixel.mrc", "group_1_even_phase_nonlinear-fit.mrc",
                  "group_1_odd_phase_per-pixel.mrc", "group_1_odd_phase_nonlinear-fit.mrc"):

@@ -4,7 +4,6 @@
 true CTF; ``runs/reconstruct/merged.mrc`` the same with RELION's refined CTF, scale and Zernike terms.
 Correlations are the fixture README's measure (maps times the mask, low-passed at 0.15/px).
 """
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -23,8 +22,6 @@ from tomoctfrefine.reconstruct import (
 )
 from tomoctfrefine.kernels import backproject_slices
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
-
 
 def _read(path):
     with mrcfile.open(path, permissive=True) as mrc:
@@ -32,19 +29,19 @@ def _read(path):
 
 
 @pytest.fixture(scope="module")
-def truth():
-    return _read(FIXTURE / "ref" / "map_true.mrc")[0], _read(FIXTURE / "ref" / "mask.mrc")[0]
+def truth(relion5_small):
+    return _read(relion5_small / "ref" / "map_true.mrc")[0], _read(relion5_small / "ref" / "mask.mrc")[0]
 
 
 @pytest.fixture(scope="module")
-def true_ctf_reconstruction():
-    opt = read_optimisation_set(particles=FIXTURE / "truth" / "particles_true.star", tomograms=FIXTURE / "truth" / "tomograms_true.star")
+def true_ctf_reconstruction(relion5_small):
+    opt = read_optimisation_set(particles=relion5_small / "truth" / "particles_true.star", tomograms=relion5_small / "truth" / "tomograms_true.star")
     return reconstruct(opt, 128, 64)
 
 
-def test_true_ctf_map_correlates_with_truth_as_well_as_relions(true_ctf_reconstruction, truth):
+def test_true_ctf_map_correlates_with_truth_as_well_as_relions(true_ctf_reconstruction, truth, relion5_small):
     true_map, mask = truth
-    relion = _read(FIXTURE / "runs" / "reconstruct_truth" / "merged.mrc")[0]
+    relion = _read(relion5_small / "runs" / "reconstruct_truth" / "merged.mrc")[0]
     ours = masked_correlation(true_ctf_reconstruction.merged, true_map, mask, lowpass_per_px=0.15)
     theirs = masked_correlation(relion, true_map, mask, lowpass_per_px=0.15)
     assert theirs == pytest.approx(0.917, abs=5e-4)  # the README's number: the measure is the same
@@ -52,9 +49,9 @@ def test_true_ctf_map_correlates_with_truth_as_well_as_relions(true_ctf_reconstr
     assert ours >= theirs - 1e-4
 
 
-def test_same_hand_orientation_contrast_and_scale_as_relion(true_ctf_reconstruction, truth):
+def test_same_hand_orientation_contrast_and_scale_as_relion(true_ctf_reconstruction, truth, relion5_small):
     _, mask = truth
-    relion, voxel = _read(FIXTURE / "runs" / "reconstruct_truth" / "merged.mrc")
+    relion, voxel = _read(relion5_small / "runs" / "reconstruct_truth" / "merged.mrc")
     ours = true_ctf_reconstruction.merged.astype(np.float64)
     assert true_ctf_reconstruction.pixel_size_angstrom == voxel == 2.0
     assert ours.shape == relion.shape == (64, 64, 64)
@@ -69,13 +66,13 @@ def test_same_hand_orientation_contrast_and_scale_as_relion(true_ctf_reconstruct
     assert fsc[1:28].min() > 0.999
 
 
-def test_refined_ctf_scale_and_aberrations_match_relions_reconstruction(truth):
+def test_refined_ctf_scale_and_aberrations_match_relions_reconstruction(truth, relion5_small):
     """RELION's refined set has rlnCtfScalefactor ~11 and even/odd Zernike terms: the map must follow
     RELION's use of all three (a wrong odd-phase sign would break the high shells)."""
     _, mask = truth
-    opt = read_optimisation_set(FIXTURE / "runs" / "defocus_scale_aberr" / "optimisation_set.star")
+    opt = read_optimisation_set(relion5_small / "runs" / "defocus_scale_aberr" / "optimisation_set.star")
     ours = reconstruct(opt, 128, 64).merged.astype(np.float64)
-    relion = _read(FIXTURE / "runs" / "reconstruct" / "merged.mrc")[0]
+    relion = _read(relion5_small / "runs" / "reconstruct" / "merged.mrc")[0]
     assert masked_correlation(ours, relion, mask, lowpass_per_px=0.15) > 0.9999
     assert masked_correlation(ours, relion, mask) > 0.99
     assert float((ours * relion).sum() / (relion * relion).sum()) == pytest.approx(1.0, abs=0.03)
@@ -142,19 +139,19 @@ def test_wiener_regulariser_recovers_the_noise_to_signal_ratio():
     assert np.isinf(ratio[radius > s / 2 + 1]).all()
 
 
-def test_wiener_map_of_the_sparse_fixture_is_far_closer_to_the_truth(truth):
+def test_wiener_map_of_the_sparse_fixture_is_far_closer_to_the_truth(truth, relion5_small):
     """20 particles: RELION's heuristic divides sparsely sampled voxels by tiny weights, so its full-band
     map is noise (masked correlation ~0.01, the same in RELION's own map); the Wiener map is not."""
     true_map, mask = truth
-    opt = read_optimisation_set(particles=FIXTURE / "truth" / "particles_true.star", tomograms=FIXTURE / "truth" / "tomograms_true.star")
-    relion = _read(FIXTURE / "runs" / "reconstruct_truth" / "merged.mrc")[0]
+    opt = read_optimisation_set(particles=relion5_small / "truth" / "particles_true.star", tomograms=relion5_small / "truth" / "tomograms_true.star")
+    relion = _read(relion5_small / "runs" / "reconstruct_truth" / "merged.mrc")[0]
     wiener = reconstruct(opt, 128, 64, regularisation="wiener").merged
     assert masked_correlation(relion, true_map, mask) < 0.05
     assert masked_correlation(wiener, true_map, mask) > 0.8
 
 
-def test_bad_box_size_is_one_line_error():
-    opt = read_optimisation_set(FIXTURE / "optimisation_set.star")
+def test_bad_box_size_is_one_line_error(relion5_small):
+    opt = read_optimisation_set(relion5_small / "optimisation_set.star")
     with pytest.raises(InputError) as error:
         reconstruct(opt, 127)
     assert str(error.value) == "--b [--b]: box size 127 must be even and at least 8; give an even box size such as 128"

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -37,10 +36,6 @@ from tomoctfrefine.simulate import (
     viewing_directions,
 )
 from tomoctfrefine.validate import validate_inputs
-
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "relion5_small"
-if not FIXTURE.exists():
-    FIXTURE = Path("/work/shared/fixtures/relion5_small")
 
 SMALL = dict(n_tilts=7, tilt_max_deg=36.0, particles_per_tomogram=12, n_tomograms=2, write_noiseless=True,
              even_zernike=(0, 0, 0, 0, 0, 0, 0, 0, 600.0), odd_zernike=(0, 0, 150.0, 0, 0, -100.0))
@@ -82,13 +77,13 @@ def test_file_set_is_complete_and_readable_by_starfile_and_mrcfile(dataset):
         assert mrc.data.shape == (params.box_size_px,) * 3
 
 
-def test_columns_and_blocks_match_the_fixture_layout(dataset):
+def test_columns_and_blocks_match_the_fixture_layout(dataset, relion5_small):
     out, *_ = dataset
     pairs = [("tomograms.star", "tomograms.star"), ("tilt_series/TS_01.star", "tilt_series/TS_01.star"),
              ("particles.star", "particles.star"), ("truth/particles_true.star", "truth/particles_true.star"),
              ("optimisation_set.star", "optimisation_set.star")]
     for ours, theirs in pairs:
-        a, b = _star(out / ours), _star(FIXTURE / theirs)
+        a, b = _star(out / ours), _star(relion5_small / theirs)
         assert list(a) == list(b)
         for block in a:
             keys_a = list(a[block].columns) if hasattr(a[block], "columns") else list(a[block])
@@ -209,9 +204,9 @@ def test_truth_json_equals_the_files(dataset):
     assert np.sqrt(np.mean(np.square(offsets))) == pytest.approx(params.start_defocus_rms_angstrom, abs=1e-3)
 
 
-def test_dose_symmetric_order_matches_the_fixture():
+def test_dose_symmetric_order_matches_the_fixture(relion5_small):
     nominal = np.linspace(-36, 36, 13)
-    fixture = _star(FIXTURE / "tilt_series/TS_01.star")["TS_01"]
+    fixture = _star(relion5_small / "tilt_series/TS_01.star")["TS_01"]
     np.testing.assert_array_equal(acquisition_order(nominal, "dose_symmetric", 2) * 3.0, fixture["rlnMicrographPreExposure"])
     np.testing.assert_array_equal(acquisition_order(nominal, "sequential"), np.arange(13))
     assert list(acquisition_order(np.linspace(-6, 6, 5), "bidirectional")) == [4, 3, 0, 1, 2]

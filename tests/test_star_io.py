@@ -1,8 +1,6 @@
 """STAR reading and writing on the real RELION 5.0.1 files of the fixture."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,9 +16,6 @@ from tomoctfrefine.io.star import (
     star_text,
     write_star,
 )
-
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
-STAR_FILES = sorted(FIXTURE.rglob("*.star"))
 
 EXPECTED_BLOCKS = {
     "optimisation_set.star": [""],
@@ -44,22 +39,20 @@ def assert_documents_equal(a: StarDocument, b: StarDocument) -> None:
             pd.testing.assert_frame_equal(x, y, check_exact=True)
 
 
-def test_fixture_has_the_expected_star_files():
-    assert len(STAR_FILES) == 18
+def test_fixture_has_the_expected_star_files(relion5_small):
+    assert len(sorted(relion5_small.rglob("*.star"))) == 18
 
 
-@pytest.mark.parametrize("path", STAR_FILES, ids=lambda p: str(p.relative_to(FIXTURE)))
-def test_every_fixture_star_file_reads(path):
-    doc = read_star(path)
+def test_every_fixture_star_file_reads(relion5_small_star):
+    doc = read_star(relion5_small_star)
     assert doc.version == "50001"
-    assert list(doc.blocks) == EXPECTED_BLOCKS[path.name]
+    assert list(doc.blocks) == EXPECTED_BLOCKS[relion5_small_star.name]
     for block in doc.blocks.values():
         assert len(block) > 0
 
 
-@pytest.mark.parametrize("path", STAR_FILES, ids=lambda p: str(p.relative_to(FIXTURE)))
-def test_write_then_read_is_identical(path, tmp_path):
-    doc = read_star(path)
+def test_write_then_read_is_identical(relion5_small_star, tmp_path):
+    doc = read_star(relion5_small_star)
     out = write_star(doc, tmp_path / "copy.star")
     again = read_star(out)
     assert_documents_equal(doc, again)
@@ -67,8 +60,8 @@ def test_write_then_read_is_identical(path, tmp_path):
     assert star_text(again) == out.read_text()
 
 
-def test_read_values_and_types_of_the_tilt_series_table():
-    table = read_star(FIXTURE / "tilt_series" / "TS_01.star").blocks["TS_01"]
+def test_read_values_and_types_of_the_tilt_series_table(relion5_small):
+    table = read_star(relion5_small / "tilt_series" / "TS_01.star").blocks["TS_01"]
     assert list(table.columns) == [
         "rlnTomoNominalStageTiltAngle", "rlnMicrographPreExposure", "rlnDefocusU", "rlnDefocusV",
         "rlnDefocusAngle", "rlnCtfScalefactor", "rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot",
@@ -79,8 +72,8 @@ def test_read_values_and_types_of_the_tilt_series_table():
     assert table["rlnTomoYShiftAngst"].iloc[-1] == -13.275176
 
 
-def test_names_stay_strings_and_vectors_stay_text():
-    doc = read_star(FIXTURE / "runs" / "defocus_scale_aberr" / "particles.star")
+def test_names_stay_strings_and_vectors_stay_text(relion5_small):
+    doc = read_star(relion5_small / "runs" / "defocus_scale_aberr" / "particles.star")
     assert doc.blocks["particles"]["rlnTomoParticleName"].iloc[0] == "TS_01/1"
     even = doc.blocks["optics"]["rlnEvenZernike"].iloc[0]
     assert even.startswith("[45.7087298722,-230.529253911,")
@@ -88,8 +81,8 @@ def test_names_stay_strings_and_vectors_stay_text():
     assert doc.blocks["general"] == {"rlnTomoSubTomosAre2DStacks": 1}
 
 
-def test_relion_layout_of_written_files(tmp_path):
-    doc = read_star(FIXTURE / "particles.star")
+def test_relion_layout_of_written_files(tmp_path, relion5_small):
+    doc = read_star(relion5_small / "particles.star")
     text = write_star(doc, tmp_path / "p.star").read_text()
     lines = text.splitlines()
     assert text.count("# version 50001\n\ndata_") == 3
@@ -102,16 +95,16 @@ def test_relion_layout_of_written_files(tmp_path):
     assert text.endswith(" \n")
 
 
-def test_key_value_block_written_as_pairs(tmp_path):
-    doc = read_star(FIXTURE / "optimisation_set.star")
+def test_key_value_block_written_as_pairs(tmp_path, relion5_small):
+    doc = read_star(relion5_small / "optimisation_set.star")
     text = write_star(doc, tmp_path / "o.star").read_text()
     assert "\ndata_\n\n_rlnTomoParticlesFile" in text
     assert "loop_" not in text
     assert read_star(tmp_path / "o.star").blocks[""]["rlnTomoReferenceMaskFile"] == "ref/mask.mrc"
 
 
-def test_other_version_line_is_kept(tmp_path):
-    doc = read_star(FIXTURE / "tomograms.star")
+def test_other_version_line_is_kept(tmp_path, relion5_small):
+    doc = read_star(relion5_small / "tomograms.star")
     doc.version = "30001"
     path = write_star(doc, tmp_path / "v4.star")
     assert path.read_text().startswith("\n# version 30001\n")
@@ -168,8 +161,8 @@ def test_empty_loop_round_trips(tmp_path):
     assert len(again.blocks["empty"]) == 0
 
 
-def test_short_row_is_malformed(tmp_path):
-    text = (FIXTURE / "particles.star").read_text().replace(" 0.000000 0.000000 0.000000 2\n", " 0.000000 0.000000 2\n", 1)
+def test_short_row_is_malformed(tmp_path, relion5_small):
+    text = (relion5_small / "particles.star").read_text().replace(" 0.000000 0.000000 0.000000 2\n", " 0.000000 0.000000 2\n", 1)
     path = tmp_path / "short.star"
     path.write_text(text)
     with pytest.raises(InputError) as error:
@@ -195,8 +188,8 @@ def test_file_without_data_block(tmp_path):
     assert "malformed STAR file: no data_ block" in str(error.value)
 
 
-def test_write_is_atomic_and_leaves_no_temporary(tmp_path):
-    doc = read_star(FIXTURE / "tomograms.star")
+def test_write_is_atomic_and_leaves_no_temporary(tmp_path, relion5_small):
+    doc = read_star(relion5_small / "tomograms.star")
     write_star(doc, tmp_path / "t.star")
     write_star(doc, tmp_path / "t.star")
     assert [p.name for p in tmp_path.iterdir()] == ["t.star"]

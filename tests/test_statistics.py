@@ -1,7 +1,6 @@
 """Sufficient statistics: the accumulator identity (spec Appendix C.4) against brute force, determinism
 across thread counts, file round trip, and box-independent scales on the RELION-5 fixture."""
 import json
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -16,7 +15,6 @@ from tomoctfrefine.physics.geometry import euler_zyz_matrices, fourier_grid_per_
 from tomoctfrefine.physics.zernike import even_phase_rad
 from tomoctfrefine.statistics import TiltStatistics, compute_statistics
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 EVEN = [0.0, 3.0, -20.0, 5.0, 0.0, 0.0, 0.0, 0.0, 400.0]
 
 
@@ -120,15 +118,15 @@ def test_statistics_file_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fixture_inputs():
-    tomo = tomogram(read_tomogram_set(FIXTURE / "truth" / "tomograms_true.star"), "TS_01")
-    pset = read_particle_set(FIXTURE / "truth" / "particles_true.star")
+def fixture_inputs(relion5_small):
+    tomo = tomogram(read_tomogram_set(relion5_small / "truth" / "tomograms_true.star"), "TS_01")
+    pset = read_particle_set(relion5_small / "truth" / "particles_true.star")
     rows = particles_of(pset, "TS_01")
-    maps = [read_map(FIXTURE / "ref" / name)[0] for name in ("half1.mrc", "half2.mrc", "mask.mrc")]
-    truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())
+    maps = [read_map(relion5_small / "ref" / name)[0] for name in ("half1.mrc", "half2.mrc", "mask.mrc")]
+    truth = json.loads((relion5_small / "truth" / "truth.json").read_text())
     return dict(tomo=tomo, images=load_tilt_images(tomo), positions=particle_positions_px(pset, rows, tomo),
                 rotations=particle_rotations(pset, rows), halves=half_sets(pset, rows), even=optics_zernike(pset, 1)[0],
-                maps=maps, pixel=read_map(FIXTURE / "ref" / "half1.mrc")[1],
+                maps=maps, pixel=read_map(relion5_small / "ref" / "half1.mrc")[1],
                 scale=np.array([t["scale"] for t in truth["tomograms"]["TS_01"]]))
 
 

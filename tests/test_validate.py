@@ -16,20 +16,19 @@ from tomoctfrefine.io.star import read_star, write_star
 from tomoctfrefine.io.trajectories import write_trajectories
 from tomoctfrefine.validate import inspect_inputs, validate_inputs
 
-FIXTURE = Path("/work/shared/fixtures/relion5_small")
 READ_FIX = "correct the path (relative paths are read from the working directory)"
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
+def data(tmp_path, monkeypatch, relion5_small):
     """A writable copy of the fixture's inputs; the working directory is its root (RELION's rule), so
     files found there are named as written."""
     root = tmp_path / "project"
     root.mkdir()
     for name in ("optimisation_set.star", "tomograms.star", "particles.star"):
-        shutil.copy(FIXTURE / name, root / name)
-    shutil.copytree(FIXTURE / "tilt_series", root / "tilt_series")
-    shutil.copytree(FIXTURE / "ref", root / "ref", ignore=shutil.ignore_patterns("map_true.mrc"))
+        shutil.copy(relion5_small / name, root / name)
+    shutil.copytree(relion5_small / "tilt_series", root / "tilt_series")
+    shutil.copytree(relion5_small / "ref", root / "ref", ignore=shutil.ignore_patterns("map_true.mrc"))
     for path in root.rglob("*"):
         path.chmod(0o644 if path.is_file() else 0o755)
     monkeypatch.chdir(root)
@@ -55,8 +54,8 @@ def edit_map(path: Path, edit=None, voxel=None) -> None:
     write_map(path, edit(data) if edit else data, voxel if voxel is not None else size)
 
 
-def test_fixture_has_no_problem_and_the_right_summary():
-    opt = read_optimisation_set(FIXTURE / "optimisation_set.star")
+def test_fixture_has_no_problem_and_the_right_summary(relion5_small):
+    opt = read_optimisation_set(relion5_small / "optimisation_set.star")
     report = inspect_inputs(opt, box_size_px=128)
     assert report.problems == []
     assert [(t.name, t.tilt_count, t.dose_min_e_per_angstrom2, t.dose_max_e_per_angstrom2, t.pixel_size_angstrom, t.particle_count, t.half_set_counts)
@@ -156,12 +155,12 @@ def test_reference_pixel_size_differs_from_tilt_series(data):
     ]
 
 
-def test_half_maps_of_different_shape_or_pixel_size(data):
+def test_half_maps_of_different_shape_or_pixel_size(data, relion5_small):
     edit_map(data / "ref" / "half2.mrc", edit=lambda d: d[16:48, 16:48, 16:48])
     assert messages(problems_of(data)) == [
         f"{data / 'optimisation_set.star'} [rlnTomoReferenceMap2File]: half maps differ in shape (64 px vs 32 px box); give the two half maps of one refinement"
     ]
-    shutil.copy(FIXTURE / "ref" / "half2.mrc", data / "ref" / "half2.mrc")
+    shutil.copy(relion5_small / "ref" / "half2.mrc", data / "ref" / "half2.mrc")
     (data / "ref" / "half2.mrc").chmod(0o644)
     edit_map(data / "ref" / "half2.mrc", voxel=2.5)
     assert messages(problems_of(data)) == [
@@ -305,10 +304,10 @@ def test_every_problem_is_reported_at_once(data):
     ]
 
 
-def test_validation_is_fast():
+def test_validation_is_fast(relion5_small):
     import time
 
-    opt = read_optimisation_set(FIXTURE / "optimisation_set.star")
+    opt = read_optimisation_set(relion5_small / "optimisation_set.star")
     validate_inputs(opt)
     start = time.perf_counter()
     validate_inputs(opt)

@@ -151,6 +151,7 @@ def neighbour_removed_statistics(
     outer: TiltStatistics,
     *,
     per_frame_noise: bool = False,
+    cutoff_fraction: float = 0.0,
     scratch_path=None,
 ) -> TiltStatistics:
     """A tomogram's statistics with its particles' neighbours removed from every box.
@@ -185,6 +186,8 @@ def neighbour_removed_statistics(
         Used beyond ``model_radius_px``.
     per_frame_noise : bool
         Noise spectrum per tilt (``--per_frame_noise``).
+    cutoff_fraction : float
+        RELION's ``--cutoff_fract`` row ranges (:func:`tomoctfrefine.forward.row_range_mask`); 0: none.
     scratch_path : path or None
         Where the residual stack is kept while it is accumulated (in memory if None). Its blocks are
         allocated before it is mapped, so that a full disk is an ``OSError`` here and not a ``SIGBUS``
@@ -235,7 +238,10 @@ def neighbour_removed_statistics(
         if scratch_path is not None:
             residual.flush()
         inside = reference_mod.radius_px(s) <= model_radius_px
-        weights = reference_mod.noise_weights(residual, s, per_frame=per_frame_noise) * (cutoff_weight * inside)[None]
+        weights = reference_mod.noise_weights(residual, s, per_frame=per_frame_noise) * cutoff_weight[None]
+        if cutoff_fraction > 0:  # the rows' ranges relative to the whole slice's mean weight, as in prepare
+            weights = weights * forward.row_range_mask(weights, forward.tilt_damping(tomogram, s), cutoff_fraction)
+        weights = weights * inside[None]
         statistics = compute_statistics(tomogram, residual, positions_px, rotations, half_sets, references, weights,
                                         even_zernike, trajectory_shifts_angstrom=trajectory_shifts_angstrom,
                                         tilts=sorted(selected))

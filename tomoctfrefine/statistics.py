@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pathlib import Path
-
 import numpy as np
 import scipy.fft
 
@@ -90,18 +88,14 @@ class TiltStatistics:
 
     def save(self, path) -> None:
         """Save as ``.npz`` (atomically: temporary name, then rename)."""
-        import os
+        from .io.atomic import save_npz
 
         arrays = {name: getattr(self, name) for name in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo", "particle_count")}
         arrays["meta"] = np.array([self.box_size_px, self.pixel_size_angstrom])
         if self.flipped_hand is not None:
             for name in ("a_ss", "a_sc", "a_cc", "b_s", "b_c", "oo"):
                 arrays[f"flipped_{name}"] = getattr(self.flipped_hand, name)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        path = str(path)
-        tmp = path + ".part.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        save_npz(path, **arrays)
 
     @classmethod
     def load(cls, path, with_flipped_hand: bool = True) -> "TiltStatistics":

@@ -78,15 +78,12 @@ def test_gui_tree_places_protocols(tmp_path):
 
 
 # ------------------------------------------------------------------------------- wizards' helpers
-FIXTURE = Path(__file__).resolve().parents[1] / "data" / "relion5_small"
-
-
-def test_particle_diameter_from_fixture_mask_matches_simulated_radius():
+def test_particle_diameter_from_fixture_mask_matches_simulated_radius(relion5_small):
     from tomoctfrefine.io.maps import read_map
     from tomoctfrefine.wizards.estimation import particle_diameter_angstrom
 
-    truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())
-    mask, pixel = read_map(FIXTURE / "ref" / "mask.mrc")
+    truth = json.loads((relion5_small / "truth" / "truth.json").read_text())
+    mask, pixel = read_map(relion5_small / "ref" / "mask.mrc")
     # The simulated mask is 1 inside radius r and falls to 0 over a 6 px soft edge: the 0.5 level
     # (the diameter used) lies between 2 r and 2 (r + 6) pixels; on the central line it is at 57 px.
     radius_px = truth["mask_radius_px"]

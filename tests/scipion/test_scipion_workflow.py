@@ -1,7 +1,7 @@
 """A real, headless Scipion project: RELION-5 data in through scipion-em-tomo's import protocols,
 our conversion out to RELION files, the refinement, and the refined CTF back as Scipion sets.
 
-Data: the RELION-5 fixture (tests/data/relion5_small, copied to a temporary folder): one tilt
+Data: the RELION-5 fixture (``relion5_small``, tests/data, copied to a temporary folder): one tilt
 series of 13 tilts, 30 particles, half maps, mask, and what RELION 5.0.1 wrote for it.
 
 * The round trip Scipion -> RELION must give back RELION's own input values (defocus, alignment,
@@ -26,7 +26,6 @@ import pytest
 from pyworkflow.project import Manager
 from scipion_helpers import launch
 
-FIXTURE = Path(__file__).resolve().parents[1] / "data" / "relion5_small"
 HAVE_PIPELINE = importlib.util.find_spec("tomoctfrefine.pipeline") is not None
 TOMOGRAM_BINNING = 4
 
@@ -43,12 +42,12 @@ def _launch(project, protocol, timeout_s=None):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, relion5_small):
     """A copy of the fixture plus the files Scipion's importers want (stack .mrcs, .tlt, tomogram)."""
     from tomoctfrefine.protocols.convert import stage_for_scipion_import
 
     root = tmp_path_factory.mktemp("relion5_small")
-    shutil.copytree(FIXTURE, root / "relion", dirs_exist_ok=True)
+    shutil.copytree(relion5_small, root / "relion", dirs_exist_ok=True)
     for path in (root / "relion").rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     staged = stage_for_scipion_import(root / "relion", root, tomogram_binning=TOMOGRAM_BINNING)
@@ -219,8 +218,9 @@ def test_validate_optimisation_set_input(project):
     assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet=opt, boxSize=300).validate() == engine + [
         "Box size for estimation: refinement box 300 px is larger than the tilt images of TS_01 (256 x 256 px); "
         "give a box of at most 256 px"]
-    assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet="/nonexistent/opt.star").validate() == engine + [
-        "Optimisation set '/nonexistent/opt.star' not found: give an existing optimisation_set.star."]
+    missing = str(project["relion"] / "nonexistent" / "opt.star")
+    assert new(ProtTomoCtfRefine, inputFrom=1, optimisationSet=missing).validate() == engine + [
+        f"Optimisation set '{missing}' not found: give an existing optimisation_set.star."]
 
 
 def _subtomograms_of(coordinates, path):
@@ -289,14 +289,14 @@ def test_conversion_gives_back_relion_input_values(project, tmp_path, particle_k
         int(r) for r in np.argsort(np.argsort(original["rlnMicrographPreExposure"], kind="stable"), kind="stable") + 1]
 
 
-def test_registering_relion_output_updates_ctf_by_acquisition_order(project):
+def test_registering_relion_output_updates_ctf_by_acquisition_order(project, relion5_small):
     """Stage what RELION 5.0.1 wrote as our protocol's output and register it as Scipion sets."""
     from tomoctfrefine.physics.ctf import quadratic_form_from_defocus
 
     protocol = _refine_protocol(project, None)
     project["project"].saveProtocol(protocol)
     out = Path(protocol.outDir())
-    run = FIXTURE / "runs" / "defocus_scale_aberr"
+    run = relion5_small / "runs" / "defocus_scale_aberr"
     shutil.copytree(run, out, dirs_exist_ok=True)
     for path in out.rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
@@ -383,9 +383,9 @@ def test_mpi_run_gives_the_serial_result(project, full_run):
 
 
 @pytest.mark.skipif(not HAVE_PIPELINE, reason="tomoctfrefine.pipeline is not there yet: the full run needs the engine")
-def test_full_run_refines_defocus_towards_truth(project, full_run):
+def test_full_run_refines_defocus_towards_truth(project, full_run, relion5_small):
     protocol = full_run
-    truth = json.loads((FIXTURE / "truth" / "truth.json").read_text())["tomograms"]["TS_01"]
+    truth = json.loads((relion5_small / "truth" / "truth.json").read_text())["tomograms"]["TS_01"]
     true_by_dose = {t["pre_exposure"]: 0.5 * (t["dfu"] + t["dfv"]) for t in truth}
     start_by_dose = {t["pre_exposure"]: 0.5 * (t["start_dfu"] + t["start_dfv"]) for t in truth}
     ts = protocol.inputTiltSeries.get().getFirstItem()

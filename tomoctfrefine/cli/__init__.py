@@ -11,7 +11,7 @@ import sys
 
 from ..errors import InputError
 
-SUBCOMMANDS = ("check", "refine", "simulate", "demo", "assess")
+SUBCOMMANDS = ("check", "refine", "simulate", "demo", "assess", "relion_shims")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tomoctfrefine",
         description="Per-tilt CTF refinement for cryo-ET subtomogram averaging (RELION-compatible).",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"tomoctfrefine {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         try:
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.debug = debug
+    from ..pipeline import JobAborted, Terminated
+    from ..pipeline.runner import disk_full_problem
+
     try:
         return int(args.run(args) or 0)
     except InputError as error:
@@ -62,9 +68,26 @@ def main(argv: list[str] | None = None) -> int:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except JobAborted as error:
+        print(f"aborted: RELION_JOB_ABORT_NOW found in {error}; finished tomograms are kept "
+              "(continue the job, or rerun with --only_do_unfinished)", file=sys.stderr)
+        return 2  # RELION's exit code for an aborted job
+    except (KeyboardInterrupt, Terminated) as error:
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"{what}: finished tomograms are kept; rerun with --only_do_unfinished to resume", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 143
+    except OSError as error:
+        problem = disk_full_problem(error)
+        if problem is None or debug:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory; use a smaller --b, fewer --j, or a machine with more memory, then rerun with "
+              "--only_do_unfinished", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

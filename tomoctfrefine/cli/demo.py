@@ -40,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     truth = load_truth(folder / "data")
     print("2. refining in one pass with the RELION-5 tutorial settings ...")
     options = RefineOptions(box_size_px=128, do_defocus=True, regularise_defocus=True, regularisation_lambda=0.1,
-                            do_scale=True, scale_mode="per_frame", threads=args.j)
+                            regularise_astigmatism_only=True, do_scale=True, scale_mode="per_frame", threads=args.j)
     out = run_refinement(read_optimisation_set(opt_path), options, folder / "refined",
                          command_line=f"tomoctfrefine refine --i {opt_path} --o {folder / 'refined'} --b 128 "
-                                      "--do_defocus --do_reg_defocus --lambda 0.1 --do_scale --per_frame_scale")
+                                      "--do_defocus --do_reg_defocus --lambda 0.1 --reg_astigmatism_only --do_scale --per_frame_scale")
     before = read_tomogram_set(read_optimisation_set(opt_path).resolved("tomograms_path"))
     after = read_tomogram_set(read_optimisation_set(out).resolved("tomograms_path"))
     import json

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -10,6 +9,7 @@ from typing import Union
 import mrcfile
 import numpy as np
 
+from .atomic import write_atomically
 from ..errors import InputError, Problem
 
 PathLike = Union[str, os.PathLike]
@@ -125,19 +125,11 @@ def release_pages(array: np.ndarray) -> None:
 
 def write_map(path: PathLike, data: np.ndarray, voxel_size_angstrom: float) -> Path:
     """Write a float32 MRC file atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mrc", dir=path.parent)
-    os.close(handle)
-    try:
-        with mrcfile.new(temporary, overwrite=True) as mrc:
+    def write(tmp: Path) -> None:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
             mrc.voxel_size = float(voxel_size_angstrom)
             if np.asarray(data).ndim == 3:
                 mrc.header.ispg = 1 if data.shape[0] > 1 else 0
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
+
+    return write_atomically(path, write)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from .atomic import write_atomically
 from ..errors import InputError, Problem
 
 PathLike = Union[str, os.PathLike]
@@ -244,22 +245,7 @@ def star_text(doc: StarDocument) -> str:
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        # mkstemp creates the file 0600; give it the permissions an ordinary file gets (umask applies)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_star(doc: StarDocument, path: PathLike) -> Path:

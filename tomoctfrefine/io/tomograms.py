@@ -398,6 +398,14 @@ def _tilt_series_relative_path(written: str, name: str) -> Path:
     return Path("tilt_series") / f"{name}.star"
 
 
+def tilt_series_output_paths(tset: TomogramSet, out_dir: PathLike) -> dict[str, Path]:
+    """Where :func:`write_tomogram_set` writes each tomogram's tilt-series STAR file (v5; empty for v4)."""
+    if tset.format_version != 5:
+        return {}
+    return {name: Path(out_dir) / _tilt_series_relative_path(str(original), name)
+            for name, original in zip(tomogram_names(tset), tset.global_table[TILT_SERIES_STAR])}
+
+
 def _cwd_path(path: Path) -> str:
     """A path that works from the current working directory (relative when below it)."""
     absolute = Path(os.path.abspath(path))
