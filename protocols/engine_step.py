@@ -33,9 +33,10 @@ from tomoctfrefine import pipeline
 #: The engine's steps, in the order a plan runs them.
 STEPS = tuple(pipeline.STEPS)
 
-#: ``tomoctfrefine refine``'s defaults for the flags :func:`command_line` writes only when they differ.
-_CLI_DEFAULTS = dict(defocus_scan_steps=100, kmin_angstrom=30.0, freq_cutoff_angstrom=-1.0, fsc_threshold_width_px=5.0,
-                     min_frame=0, max_frame=-1, cutoff_fraction=0.02)
+#: Flags written even at their default: the required box, the thread count (the CLI's default is not the
+#: protocol's) and, with --do_defocus, the scan range (as RELION's GUI writes it).
+_ALWAYS_WRITTEN = ("box_size_px", "threads")
+_WITH_DEFOCUS = ("defocus_scan_min_angstrom", "defocus_scan_max_angstrom")
 
 
 def refine_options(values: dict) -> "pipeline.RefineOptions":
@@ -58,54 +59,26 @@ def _number(value) -> str:
 def command_line(options, optimisation_set: str, out_dir: str, ranks: int = 1) -> str:
     """The ``tomoctfrefine refine`` command (RELION's flags) that runs the refinement ``options`` describe.
 
-    Parsed by ``tomoctfrefine refine`` it gives back ``options`` exactly (tested). Flags whose value is
-    the CLI's default are left out, except ``--d0``/``--d1`` (always written with ``--do_defocus``, as
-    RELION's GUI does) and ``--j``. ``options.check_hand`` has no flag (the CLI always checks the hand).
-    With ``ranks > 1`` the command starts with ``mpirun -np <ranks>``.
+    Built from the flags :class:`tomoctfrefine.options.RefineOptions` declares, so that parsed by
+    ``tomoctfrefine refine`` it gives back ``options`` exactly (tested). A flag at its default is left out,
+    except ``--b``, ``--j`` and, with ``--do_defocus``, ``--d0``/``--d1``. Fields without a flag (options of the
+    Python API only) are not written. With ``ranks > 1`` the command starts with ``mpirun -np <ranks>``.
     """
-    o = options
-    flags = ["--i", optimisation_set, "--o", out_dir, "--b", str(o.box_size_px)]
-    if o.do_defocus:
-        flags += ["--do_defocus"]
-    if o.do_defocus or (o.defocus_scan_min_angstrom, o.defocus_scan_max_angstrom) != (-3000.0, 3000.0):
-        flags += ["--d0", _number(o.defocus_scan_min_angstrom), "--d1", _number(o.defocus_scan_max_angstrom)]
-    if o.defocus_scan_steps != _CLI_DEFAULTS["defocus_scan_steps"]:
-        flags += ["--ds", str(o.defocus_scan_steps)]
-    if o.regularise_defocus:
-        flags += ["--do_reg_defocus"]
-    if o.regularisation_lambda != 0.001:
-        flags += ["--lambda", _number(o.regularisation_lambda)]
-    if o.reset_to_common:
-        flags += ["--reset_to_common"]
-    if o.kmin_angstrom != _CLI_DEFAULTS["kmin_angstrom"]:
-        flags += ["--kmin", _number(o.kmin_angstrom)]
-    if not o.adopt_hand:
-        flags += ["--keep_hand"]
-    if o.do_scale:
-        flags += ["--do_scale"]
-    # The scale model is written whether or not the scale is refined: it is an option of its own.
-    flags += {"per_frame": ["--per_frame_scale"], "per_tomogram": ["--per_tomogram_scale"]}.get(o.scale_mode, [])
-    if not o.model_neighbours:
-        flags += ["--no_neighbour_model"]
-    if o.do_even_aberrations:
-        flags += ["--do_even_aberrations"]
-    if o.even_order != 4:
-        flags += ["--ne", str(o.even_order)]
-    if o.do_odd_aberrations:
-        flags += ["--do_odd_aberrations"]
-    if o.odd_order != 3:
-        flags += ["--no", str(o.odd_order)]
-    for field, flag in (("freq_cutoff_angstrom", "--freq_cutoff"), ("fsc_threshold_width_px", "--fsc_thresh_width"),
-                        ("min_frame", "--min_frame"), ("max_frame", "--max_frame"), ("cutoff_fraction", "--cutoff_fract")):
-        if getattr(o, field) != _CLI_DEFAULTS[field]:
-            flags += [flag, _number(getattr(o, field))]
-    for field, flag in (("use_snr_weight", "--use_SNR_weight"), ("per_frame_noise", "--per_frame_noise"),
-                        ("only_do_unfinished", "--only_do_unfinished"), ("diagnostics", "--diag"), ("assess", "--assess")):
-        if getattr(o, field):
-            flags += [flag]
-    flags += ["--j", str(o.threads)]
+    words = ["--i", optimisation_set, "--o", out_dir]
+    for field in dataclasses.fields(options):
+        meta, value = field.metadata, getattr(options, field.name)
+        kind, flag = meta.get("kind", "value"), meta.get("flag")
+        if kind == "choice":
+            words += [meta["values"][value]] if value in meta["values"] else []
+        elif kind == "switch":
+            words += [flag] if value else []
+        elif kind == "inverted_switch":
+            words += [] if value else [flag]
+        elif flag is not None and (value != field.default or field.name in _ALWAYS_WRITTEN
+                                   or (options.do_defocus and field.name in _WITH_DEFOCUS)):
+            words += [flag, _number(value)]
     prefix = ["mpirun", "-np", str(ranks)] if ranks > 1 else []
-    return " ".join(shlex.quote(word) for word in prefix + ["tomoctfrefine", "refine"] + flags)
+    return " ".join(shlex.quote(word) for word in prefix + ["tomoctfrefine", "refine"] + words)
 
 
 def run_step(step: str, out_dir: str, optimisation_set: str | None = None, options_json: str | None = None,
@@ -133,16 +106,32 @@ def main(argv=None) -> int:
         parser.error("prepare needs --optimisation-set and --options")
     from tomoctfrefine.distribute import World
     from tomoctfrefine.errors import InputError
+    from tomoctfrefine.pipeline.runner import Terminated, disk_full_problem, terminate_on_sigterm
 
     world = World()
+    # The endings of ``tomoctfrefine refine`` (tomoctfrefine/cli/__init__.py), with the same messages and codes.
     try:
         # Under MPI a rank that fails aborts every rank (code 2 for an input problem, 1 otherwise),
         # printing its message first; the other ranks would otherwise wait for it at a barrier.
-        with world.guard():
+        with world.guard(), terminate_on_sigterm():
             run_step(args.step, args.out_dir, args.optimisation_set, args.options, world)
     except InputError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Terminated) as error:
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"{what}: finished tomograms are kept; continue the run to resume", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 143
+    except OSError as error:
+        problem = disk_full_problem(error)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; use a smaller box, fewer threads, or a machine with more memory, then "
+              "continue the run", file=sys.stderr)
         return 2
     return 0
 

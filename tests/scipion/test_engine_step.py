@@ -62,30 +62,40 @@ def _parsed(command: str) -> pipeline.RefineOptions:
     return options_from_args(args)
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    box=st.integers(8, 512).map(lambda n: 2 * n), do_defocus=st.booleans(),
-    scan=st.tuples(st.floats(-9000, -1, allow_nan=False), st.floats(1, 9000, allow_nan=False)),
-    steps=st.integers(2, 400), regularise=st.booleans(), lam=st.sampled_from([0.001, 0.1, 0.0, 2.5]),
-    reset=st.booleans(), kmin=st.sampled_from([30.0, 20.0, 45.5]), do_scale=st.booleans(),
-    mode=st.sampled_from(["per_frame", "per_tomogram", "global"]), even=st.booleans(), ne=st.sampled_from([2, 4, 6, 8]),
-    odd=st.booleans(), no=st.sampled_from([1, 3, 5, 7]), cutoff=st.sampled_from([-1.0, 8.5]),
-    width=st.sampled_from([5.0, 3.0]), snr=st.booleans(), noise=st.booleans(), frames=st.sampled_from([(0, -1), (2, 9)]),
-    fract=st.sampled_from([0.02, 0.05]), threads=st.integers(1, 64), unfinished=st.booleans(), diag=st.booleans(),
-    assess=st.booleans(), adopt=st.booleans(), neighbours=st.booleans(), ranks=st.integers(1, 8),
+def _valid(options: dict) -> dict:
+    """The option values made consistent (resetting to the common CTF needs a regularised defocus fit)."""
+    if not (options["do_defocus"] and options["regularise_defocus"]):
+        options["reset_to_common"] = False
+    return options
+
+
+OPTION_STRATEGIES = dict(
+    box_size_px=st.integers(8, 512).map(lambda n: 2 * n), do_defocus=st.booleans(),
+    defocus_scan_min_angstrom=st.floats(-9000, -1, allow_nan=False), defocus_scan_max_angstrom=st.floats(1, 9000, allow_nan=False),
+    defocus_scan_steps=st.integers(2, 400), regularise_defocus=st.booleans(),
+    regularisation_lambda=st.sampled_from([0.001, 0.1, 0.0, 2.5]), regularise_astigmatism_only=st.booleans(),
+    reset_to_common=st.booleans(), kmin_angstrom=st.sampled_from([30.0, 20.0, 45.5]), do_scale=st.booleans(),
+    scale_mode=st.sampled_from(["per_frame", "per_tomogram", "global"]), model_neighbours=st.booleans(),
+    do_even_aberrations=st.booleans(), even_order=st.sampled_from([2, 4, 6, 8]), do_odd_aberrations=st.booleans(),
+    odd_order=st.sampled_from([1, 3, 5, 7]), freq_cutoff_angstrom=st.sampled_from([-1.0, 8.5]),
+    fsc_threshold_width_px=st.sampled_from([5.0, 3.0]), use_snr_weight=st.booleans(), per_frame_noise=st.booleans(),
+    min_frame=st.sampled_from([0, 2]), max_frame=st.sampled_from([-1, 9]), cutoff_fraction=st.sampled_from([0.02, 0.05]),
+    threads=st.integers(1, 64), only_do_unfinished=st.booleans(), diagnostics=st.booleans(), assess=st.booleans(),
+    check_hand=st.booleans(), adopt_hand=st.booleans(),
 )
-def test_command_line_gives_back_the_options(box, do_defocus, scan, steps, regularise, lam, reset, kmin, do_scale, mode,
-                                            even, ne, odd, no, cutoff, width, snr, noise, frames, fract, threads,
-                                            unfinished, diag, assess, adopt, neighbours, ranks):
+OPTION_VALUES = st.fixed_dictionaries(OPTION_STRATEGIES).map(_valid)
+
+
+def test_the_generated_options_cover_every_field():
+    """A field added to RefineOptions must be added to OPTION_VALUES (and so to the round trip below)."""
+    assert set(OPTION_STRATEGIES) == {f.name for f in dataclasses.fields(pipeline.RefineOptions)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=OPTION_VALUES, ranks=st.integers(1, 8))
+def test_command_line_gives_back_the_options(values, ranks):
     """tomoctfrefine refine, given note.txt's flags, runs the options the protocol ran (every field)."""
-    options = pipeline.RefineOptions(
-        box_size_px=box, do_defocus=do_defocus, defocus_scan_min_angstrom=scan[0], defocus_scan_max_angstrom=scan[1],
-        defocus_scan_steps=steps, regularise_defocus=regularise, regularisation_lambda=lam, reset_to_common=reset,
-        kmin_angstrom=kmin, do_scale=do_scale, scale_mode=mode, do_even_aberrations=even, even_order=ne,
-        do_odd_aberrations=odd, odd_order=no, freq_cutoff_angstrom=cutoff, fsc_threshold_width_px=width,
-        use_snr_weight=snr, per_frame_noise=noise, min_frame=frames[0], max_frame=frames[1], cutoff_fraction=fract,
-        threads=threads, only_do_unfinished=unfinished, diagnostics=diag, assess=assess, adopt_hand=adopt,
-        model_neighbours=neighbours)
+    options = pipeline.RefineOptions(**values)
     command = engine_step.command_line(options, "Runs/000002_Prot/extra/input/optimisation_set.star",
                                        "Runs/000002_Prot/extra", ranks)
     assert command.startswith(f"mpirun -np {ranks} tomoctfrefine refine" if ranks > 1 else "tomoctfrefine refine")
@@ -185,16 +195,19 @@ def test_mpi_input_problem_on_one_rank_stops_the_job(dataset, tmp_path):
 
 
 def test_mpi_failure_in_a_later_step_stops_the_job(dataset, tmp_path):
-    """After a good prepare, rank 1 cannot write TS_02's defocus (the temporary name is taken by a folder,
-    as a full or read-only disk would refuse it): refine_defocus stops at once with rank 1's message."""
+    """After a good prepare, rank 1 cannot write TS_02's defocus (a folder stands where the file goes, as a
+    full or read-only disk would refuse it): refine_defocus stops at once with rank 1's message."""
     root = _copy(dataset, tmp_path)
     result, _ = _engine(root, "prepare", ranks=2)
     assert result.returncode == 0, result.stderr
-    blocked = root / "out" / "temp" / "defocus" / "TS_02.npz.part.npz"
-    blocked.mkdir(parents=True)
+    from tomoctfrefine.pipeline.workspace import STEP_FOLDERS
+
+    folder = f"out/temp/{STEP_FOLDERS['refine_defocus']}"
+    (root / folder / "TS_02.npz").mkdir(parents=True)
     result, seconds = _engine(root, "refine_defocus", ranks=2)
     assert seconds < 45
     assert result.returncode != 0
-    assert _errors(result) == ["error: rank 1 failed: IsADirectoryError: [Errno 21] Is a directory: "
-                               "'out/temp/defocus/TS_02.npz.part.npz'"]
+    errors = _errors(result)
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1 failed: IsADirectoryError: "), result.stderr
+    assert f"{folder}/TS_02.npz" in errors[0] and "Traceback" not in result.stderr
     assert (root / "out" / "note.txt").read_text().startswith("mpirun -np 2 tomoctfrefine refine --i optimisation_set.star")
