@@ -142,32 +142,12 @@ def assess_reconstruction(
     return AssessedMap(label, reconstruction, result, files, truth)
 
 
-def plot_fsc(before: FscResult, after: FscResult, path: Path, title: str = "") -> Path:
-    """Both corrected FSC curves (and the unmasked ones, dashed) on one PNG, with the 0.143 line."""
-    import matplotlib
+def plot_fsc(summary: dict, path: Path) -> Path:
+    """The FSC page of the report (:func:`tomoctfrefine.report.write_fsc_plot`) from :func:`assess`'s
+    summary: both corrected curves, the unmasked ones dotted, against the truth dashed, the 0.143 line."""
+    from .report import write_fsc_plot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for result, colour, label in ((before, "tab:gray", "before"), (after, "tab:blue", "after")):
-        frequency = result.spectral_index[1:] / (result.box_size_px * result.pixel_size_angstrom)
-        axes.plot(frequency, result.corrected[1:], color=colour, label=f"{label}: {result.resolution(0.143):.2f} Å at 0.143")
-        axes.plot(frequency, result.unmasked[1:], color=colour, linestyle=":", linewidth=0.8, label=f"{label}, unmasked")
-    axes.axhline(0.143, color="k", linewidth=0.6, linestyle="--")
-    axes.axhline(0.0, color="k", linewidth=0.4)
-    axes.set_xlabel("spatial frequency (1/Å)")
-    axes.set_ylabel("FSC (mask-corrected)")
-    axes.set_ylim(-0.1, 1.02)
-    axes.set_title(title or "Gold-standard FSC before and after CTF refinement")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return write_fsc_plot(summary, path)
 
 
 def _write_json(data: dict, path: Path) -> Path:
@@ -240,7 +220,7 @@ def assess(
         assess_reconstruction(opt, label, reconstruction, out, mask, Path(mask_path) if mask_path else None, true_map, log)
         for opt, label, reconstruction in zip((before, after), labels, reconstructions)
     ]
-    plot = plot_fsc(sides[0].fsc, sides[1].fsc, out / "fsc.png")
+    plot = out / "fsc.png"
     first, second = sides[0].fsc, sides[1].fsc
     bands = []
     for start, stop in frequency_bands(first.box_size_px, first.pixel_size_angstrom):
@@ -285,6 +265,7 @@ def assess(
         summary["curves"][f"{side.label}_unmasked"] = [float(v) for v in side.fsc.unmasked]
         if side.truth is not None:
             summary["curves"][f"{side.label}_against_truth"] = side.truth["fsc_curve"]
+    plot_fsc(summary, plot)
     _write_json(summary, out / "assess.json")
     return summary
 

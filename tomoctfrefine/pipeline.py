@@ -851,7 +851,7 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
     from .io.maps import write_map
     from .io.optimisation_set import OptimisationSet, write_optimisation_set
     from .refine.aberrations import full_centred_image
-    from .report import write_report, write_summary
+    from .report import scale_uncertainty, write_report, write_summary
 
     world = world or World()
     run = Run.load(out_dir)
@@ -896,7 +896,7 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
             scale = scale_arrays["scale"]
             model = json.loads((run.temp / "scale" / f"{name}.json").read_text())
             entry.update(scale_after=scale, scale_per_tilt=scale_arrays["estimate"], scale_model=model["model"],
-                         scale_message=model["message"])
+                         scale_message=model["message"], scale_uncertainty=scale_uncertainty(scale_arrays["information"]))
             if "luminance" in scale_arrays:
                 normal = scale_arrays["ice_normal"]
                 tset = tomograms_io.with_global_values(
