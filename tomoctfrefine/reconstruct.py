@@ -611,6 +611,7 @@ def reconstruct_sets(
                     total += int(forward.visibility(tomo, forward.image_positions_px(tomo, positions, shifts), box).sum())
     which = ", ".join(label for label in labels if label)
     step = f"back-projection ({which})" if which else "back-projection"
+    say(f"{step}: {total} particle images (a particle in one tilt) of {len(names)} tomogram(s), box {box} px")
     started = time.monotonic()
     with Progress(step, total, len(names), enabled=show_bar, unit="particle images", log=log) as bar:
         for name in names:
