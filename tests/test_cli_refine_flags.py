@@ -83,7 +83,7 @@ def test_each_flag_sets_its_field_and_nothing_else(field):
     [
         (["--i", "x.star", "--o", "out"], "error: --b: the estimation box size is required; give it, e.g. 256"),
         (["--i", "x.star", "--o", "out", "--b", "129"],
-         "error: --b: must be an even number of pixels, at least 16, got 129; use an even box such as 128, 256 or 512"),
+         "error: --b: the box size must be an even number of pixels, at least 16, got 129; use an even box such as 128, 256 or 512"),
         (["--i", "x.star", "--b", "128"], "error: --o: the output directory is required; give --o DIR"),
         (["--i", "x.star", "--o", "out", "--b", "128", "--do_scale", "--per_frame_scale", "--per_tomogram_scale"],
          "error: --per_frame_scale/--per_tomogram_scale: the per-frame and per-tomogram scale models exclude each other; "
@@ -91,14 +91,14 @@ def test_each_flag_sets_its_field_and_nothing_else(field):
         (["--i", "x.star", "--o", "out", "--b", "128", "--do_defocus", "--d0", "3000", "--d1", "3000"],
          "error: --d0/--d1: the defocus scan is empty: 3000 Å is not below 3000 Å; scan a range such as -3000 to 3000 Å"),
         (["--i", "x.star", "--o", "out", "--b", "128", "--do_defocus", "--d1", "inf"],
-         "error: --d1: must be a finite number, got inf; scan a range such as -3000 to 3000 Å"),
+         "error: --d1: the highest defocus offset must be a finite number, got inf; scan a range such as -3000 to 3000 Å"),
         (["--i", "x.star", "--o", "out", "--b", "128", "--lambda", "nan"],
-         "error: --lambda: must be a finite number, got nan; use e.g. 0.1"),
+         "error: --lambda: the regularisation strength must be a finite number, got nan; use e.g. 0.1"),
         (["--i", "x.star", "--o", "out", "--b", "128", "--ds", "1e9"],
          "error: tomoctfrefine refine: argument --ds: expected a whole number, got '1e9'; see 'tomoctfrefine refine --help'"),
-        (["--i", "x.star", "--o", "out", "--b", "128", "--j", "0"], "error: --j: must be at least 1, got 0; use 1 or more"),
+        (["--i", "x.star", "--o", "out", "--b", "128", "--j", "0"], "error: --j: the thread count must be at least 1, got 0; use 1 or more"),
         (["--i", "x.star", "--o", "out", "--b", "128", "--cutoff_fract", "1.5"],
-         "error: --cutoff_fract: must lie in [0, 1), got 1.5; use e.g. 0.02"),
+         "error: --cutoff_fract: the cutoff fraction must lie in [0, 1), got 1.5; use e.g. 0.02"),
         (["--i", "x.star", "--o", "out", "--b", "128", "--min_frame", "5", "--max_frame", "3"],
          "error: --max_frame: the tilt range is empty: the last tilt 3 is before the first 5; give a last tilt at or "
          "after the first, or -1 for all"),
@@ -149,5 +149,5 @@ def test_version():
 def test_options_from_the_python_api_are_checked_by_field_name():
     options = schema.RefineOptions(box_size_px=100, do_defocus=True, defocus_scan_max_angstrom=float("inf"))
     assert [str(p) for p in schema.option_problems(options, naming="field")] == [
-        "RefineOptions [defocus_scan_max_angstrom]: must be a finite number, got inf; scan a range such as -3000 to 3000 Å"]
+        "RefineOptions [defocus_scan_max_angstrom]: the highest defocus offset must be a finite number, got inf; scan a range such as -3000 to 3000 Å"]
     assert dataclasses.replace(options, defocus_scan_max_angstrom=3000.0).fingerprint() != options.fingerprint()

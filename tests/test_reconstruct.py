@@ -155,3 +155,123 @@ def test_bad_box_size_is_one_line_error(relion5_small):
     with pytest.raises(InputError) as error:
         reconstruct(opt, 127)
     assert str(error.value) == "--b [--b]: box size 127 must be even and at least 8; give an even box size such as 128"
+
+
+# --- the fast CTF correction and the shared back-projection ------------------------------------------
+
+
+def _radius(s):
+    k = np.fft.fftfreq(s) * s
+    return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + (np.fft.rfftfreq(s) * s)[None, None, :] ** 2)
+
+
+def _reference_finalise_map(data_fs, weight_fs, crop, snr=None, regulariser=None, unit_shell_gain=False):
+    """The CTF correction written out in double-precision numpy, voxel grids and all (the formulas of
+    reconstruct.py before its fused single-precision kernels), as the reference they must equal."""
+    s = data_fs.shape[0]
+    volume = np.fft.fftshift(np.fft.irfftn(data_fs, s=(s, s, s), norm="ortho"))
+    c = np.arange(s) - s // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    volume = volume / np.maximum(np.sinc(r / s) ** 2, 1e-2)
+    transform = np.fft.rfftn(volume, norm="ortho")
+    radius = _radius(s)
+    inside = np.floor(radius) + 1 < s // 2 + 1
+    if snr:
+        divisor = weight_fs + 1.0 / snr
+    elif regulariser is not None:
+        divisor = weight_fs + regulariser
+    else:
+        bins = s // 2 + 1
+        lower = np.floor(radius).astype(int).ravel()
+        t = radius.ravel() - lower
+        keep = lower < bins
+        total, count = np.zeros(bins + 1), np.zeros(bins + 1)
+        np.add.at(total, lower[keep], (1 - t[keep]) * weight_fs.ravel()[keep])
+        np.add.at(count, lower[keep], 1 - t[keep])
+        np.add.at(total, lower[keep] + 1, t[keep] * weight_fs.ravel()[keep])
+        np.add.at(count, lower[keep] + 1, t[keep])
+        average = np.where(count[:bins] > 0, total[:bins] / np.where(count[:bins] > 0, count[:bins], 1), 0.0)
+        low = np.minimum(np.floor(radius).astype(int), bins - 2)
+        frac = radius - low
+        divisor = np.maximum(weight_fs, 0.001 * ((1 - frac) * average[low] + frac * average[low + 1]))
+    usable = inside & (divisor > 0) & np.isfinite(divisor)
+    transform = np.where(usable, transform / np.where(usable, divisor, 1.0), 0.0)
+    if unit_shell_gain and regulariser is not None and not snr:
+        shells = np.rint(radius).astype(int).ravel()
+        gain = np.bincount(shells, np.where(usable, weight_fs / np.where(usable, divisor, 1.0), 0.0).ravel(), minlength=s + 1)
+        count = np.bincount(shells, usable.ravel().astype(float), minlength=s + 1)
+        mean = np.where(count > 0, gain / np.maximum(count, 1), 0.0)[shells].reshape(transform.shape)
+        transform = np.where(mean > 0, transform / np.where(mean > 0, mean, 1.0), 0.0)
+    volume = np.fft.irfftn(transform, s=(s, s, s), norm="ortho")
+    m = (s - crop) // 2
+    volume = volume[m : m + crop, m : m + crop, m : m + crop]
+    half = crop / 2.0
+    c = np.arange(crop) - half
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    taper = np.where(r < half, np.where(r < half - 10, 1.0, 0.5 - 0.5 * np.cos(np.pi * (half - r) / 10)), 0.0)
+    return taper * (volume - (taper * volume).sum() / taper.sum())
+
+
+@pytest.mark.parametrize("regularisation, snr", [("relion", None), ("wiener", None), ("relion", 2.0)])
+@pytest.mark.parametrize("crop", [32, 48])
+def test_fast_ctf_correction_equals_the_double_precision_formulas(regularisation, snr, crop):
+    rng = np.random.default_rng(1)
+    s = 48
+    shape = (s, s, s // 2 + 1)
+    signal = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) * np.exp(-_radius(s) / 6)
+    weight = rng.uniform(0, 2, (2,) + shape) * (rng.uniform(size=(2,) + shape) > 0.2)  # a fifth of the voxels empty
+    noise = rng.standard_normal((2,) + shape) + 1j * rng.standard_normal((2,) + shape)
+    data = weight * signal[None] + 0.3 * np.sqrt(weight) * noise
+    result = finalise(FourierAccumulators(data, weight, 2.0), crop, snr, regularisation)
+    regulariser = wiener_regulariser(data, weight) if regularisation == "wiener" else None
+    expected = {
+        "half1": _reference_finalise_map(data[0], weight[0], crop, snr, regulariser, True),
+        "half2": _reference_finalise_map(data[1], weight[1], crop, snr, regulariser, True),
+        "merged": _reference_finalise_map(data[0] + data[1], weight[0] + weight[1], crop, snr, regulariser),
+    }
+    for tag, reference in expected.items():
+        ours = getattr(result, tag)
+        assert ours.dtype == np.float32 and ours.shape == (crop,) * 3
+        # single precision: measured 4-7e-7 of the map's largest value
+        assert np.abs(ours - reference).max() < 5e-6 * np.abs(reference).max(), tag
+
+
+def test_sets_reconstructed_together_extract_each_box_once_and_equal_separate_reconstructions(relion5_small, monkeypatch):
+    """Before (perturbed CTF) and after (true CTF) of the fixture: the same particles in the same tilt images."""
+    from tomoctfrefine import forward, reconstruct as reconstruct_module
+
+    before = read_optimisation_set(relion5_small / "optimisation_set.star")
+    after = read_optimisation_set(particles=relion5_small / "truth" / "particles_true.star",
+                                  tomograms=relion5_small / "truth" / "tomograms_true.star")
+    alone = [reconstruct(opt, 64, 48, regularisation="wiener") for opt in (before, after)]
+    boxes = []
+    observe = forward.observe
+
+    def counting_observe(image, positions, box_size_px, *args, **kwargs):
+        boxes.append(len(positions))
+        return observe(image, positions, box_size_px, *args, **kwargs)
+
+    monkeypatch.setattr(forward, "observe", counting_observe)
+    lines = []
+    together = reconstruct_module.reconstruct_sets([before, after], 64, 48, regularisation="wiener", log=lines.append,
+                                                   labels=["before", "after"])
+    # 30 particles in 13 tilts: 387 boxes of 64 px inside the images, in each set; each extracted once
+    assert lines[0] == "back-projection (before, after): 774 particle images (a particle in one tilt) of 1 tomogram(s), box 64 px"
+    assert sum(boxes) == 387
+    for separate, joint in zip(alone, together):
+        assert joint.particle_count == separate.particle_count == (15, 15)  # at box 64 every particle is inside
+        for tag in ("half1", "half2", "merged"):
+            a, b = getattr(separate, tag), getattr(joint, tag)
+            # the same sums in another order (boxes are inserted sorted by position): float rounding only
+            assert np.abs(a - b).max() < 1e-5 * np.abs(a).max()
+
+
+def test_sets_too_large_for_memory_together_are_reconstructed_one_after_the_other(relion5_small, monkeypatch):
+    from tomoctfrefine import reconstruct as reconstruct_module
+
+    opt = read_optimisation_set(relion5_small / "optimisation_set.star")
+    monkeypatch.setattr(reconstruct_module, "SHARED_ACCUMULATOR_LIMIT_BYTES", reconstruct_module.accumulator_bytes(64))
+    lines = []
+    maps = reconstruct_module.reconstruct_sets([opt, opt], 64, 48, log=lines.append, labels=["a", "b"])
+    assert [line.split(":")[0] for line in lines if "(a particle in one tilt)" in line] == ["back-projection (a)", "back-projection (b)"]
+    np.testing.assert_array_equal(maps[0].merged, maps[1].merged)

@@ -25,7 +25,7 @@ from .errors import InputError, Problem
 from .fsc import FscResult, fourier_shell_correlation, mask_corrected_fsc, masked_correlation, resolution_at, write_fsc_star
 from .io.maps import read_map
 from .io.optimisation_set import OptimisationSet, with_paths, write_optimisation_set
-from .reconstruct import Reconstruction, reconstruct, write_reconstruction
+from .reconstruct import Reconstruction, reconstruct_sets, write_reconstruction
 
 #: Number of equal-width frequency bands (from shell 1 to Nyquist) for the gain table.
 BAND_COUNT = 4
@@ -100,8 +100,24 @@ def assess_optimisation_set(
     regularisation: str = "wiener",
 ) -> AssessedMap:
     """Reconstruct one optimisation set, write its maps, FSC STAR and optimisation set under ``out_dir/label``."""
+    reconstruction = reconstruct_sets([opt], box_size_px, crop_size_px, snr=snr, log=log, regularisation=regularisation,
+                                      labels=[label])[0]
+    return assess_reconstruction(opt, label, reconstruction, out_dir, mask, mask_path, true_map, log)
+
+
+def assess_reconstruction(
+    opt: OptimisationSet,
+    label: str,
+    reconstruction: Reconstruction,
+    out_dir: Path,
+    mask: np.ndarray | None,
+    mask_path: Path | None,
+    true_map: np.ndarray | None,
+    log=None,
+) -> AssessedMap:
+    """Write one reconstruction's maps, its FSC STAR and optimisation set under ``out_dir/label``, with the
+    truth measures when ``true_map`` is given."""
     folder = Path(out_dir) / label
-    reconstruction = reconstruct(opt, box_size_px, crop_size_px, snr=snr, log=log, regularisation=regularisation)
     files = {k: Path(v) for k, v in write_reconstruction(reconstruction, folder).items()}
     size = reconstruction.merged.shape[0]
     fitted_mask = None if mask is None else fit_to_box(mask, size)
@@ -120,38 +136,18 @@ def assess_optimisation_set(
     files["optimisation_set"] = Path(write_optimisation_set(next_opt, folder / "optimisation_set.star"))
     truth = None
     if true_map is not None:
-        truth = truth_measures(reconstruction.merged.astype(np.float64), fit_to_box(true_map, size), fitted_mask, reconstruction.pixel_size_angstrom)
+        truth = truth_measures(reconstruction.merged, fit_to_box(true_map, size), fitted_mask, reconstruction.pixel_size_angstrom)
     if log is not None:
         log(f"{label}: {sum(reconstruction.particle_count)} particles, FSC 0.143 at {result.resolution(0.143):.2f} Å")
     return AssessedMap(label, reconstruction, result, files, truth)
 
 
-def plot_fsc(before: FscResult, after: FscResult, path: Path, title: str = "") -> Path:
-    """Both corrected FSC curves (and the unmasked ones, dashed) on one PNG, with the 0.143 line."""
-    import matplotlib
+def plot_fsc(summary: dict, path: Path) -> Path:
+    """The FSC page of the report (:func:`tomoctfrefine.report.write_fsc_plot`) from :func:`assess`'s
+    summary: both corrected curves, the unmasked ones dotted, against the truth dashed, the 0.143 line."""
+    from .report import write_fsc_plot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for result, colour, label in ((before, "tab:gray", "before"), (after, "tab:blue", "after")):
-        frequency = result.spectral_index[1:] / (result.box_size_px * result.pixel_size_angstrom)
-        axes.plot(frequency, result.corrected[1:], color=colour, label=f"{label}: {result.resolution(0.143):.2f} Å at 0.143")
-        axes.plot(frequency, result.unmasked[1:], color=colour, linestyle=":", linewidth=0.8, label=f"{label}, unmasked")
-    axes.axhline(0.143, color="k", linewidth=0.6, linestyle="--")
-    axes.axhline(0.0, color="k", linewidth=0.4)
-    axes.set_xlabel("spatial frequency (1/Å)")
-    axes.set_ylabel("FSC (mask-corrected)")
-    axes.set_ylim(-0.1, 1.02)
-    axes.set_title(title or "Gold-standard FSC before and after CTF refinement")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return write_fsc_plot(summary, path)
 
 
 def _write_json(data: dict, path: Path) -> Path:
@@ -216,11 +212,15 @@ def assess(
         mask_path = after.resolved("mask_path") or before.resolved("mask_path")
     mask = _load_volume(mask_path, "mask", "--mask")[0] if mask_path else None
     true_map = _load_volume(truth_path, "true map", "--truth")[0] if truth_path else None
+    labels = ("before", "after")
+    # Both sets together: every observed box is extracted once for the two (see reconstruct_sets).
+    reconstructions = reconstruct_sets([before, after], box_size_px, crop_size_px, snr=snr, log=log,
+                                       regularisation=regularisation, labels=labels)
     sides = [
-        assess_optimisation_set(opt, label, out, box_size_px, crop_size_px, mask, Path(mask_path) if mask_path else None, true_map, snr, log, regularisation)
-        for opt, label in ((before, "before"), (after, "after"))
+        assess_reconstruction(opt, label, reconstruction, out, mask, Path(mask_path) if mask_path else None, true_map, log)
+        for opt, label, reconstruction in zip((before, after), labels, reconstructions)
     ]
-    plot = plot_fsc(sides[0].fsc, sides[1].fsc, out / "fsc.png")
+    plot = out / "fsc.png"
     first, second = sides[0].fsc, sides[1].fsc
     bands = []
     for start, stop in frequency_bands(first.box_size_px, first.pixel_size_angstrom):
@@ -265,6 +265,7 @@ def assess(
         summary["curves"][f"{side.label}_unmasked"] = [float(v) for v in side.fsc.unmasked]
         if side.truth is not None:
             summary["curves"][f"{side.label}_against_truth"] = side.truth["fsc_curve"]
+    plot_fsc(summary, plot)
     _write_json(summary, out / "assess.json")
     return summary
 

@@ -12,51 +12,81 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import scipy.fft
 
 #: RELION postprocess randomises phases beyond the first shell where the unmasked FSC is below this.
 RANDOMISE_BELOW_FSC = 0.8
 
 
-def shell_indices(box_size_px: int) -> np.ndarray:
-    """Shell index ``round(|k|)`` (pixels) of each coefficient of an ``s^3`` volume's ``rfftn``."""
-    s = int(box_size_px)
+@lru_cache(maxsize=8)
+def _shell_grid(s: int) -> np.ndarray:
     k = np.fft.fftfreq(s) * s
     kx = np.fft.rfftfreq(s) * s
     radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    return np.rint(radius).astype(np.int64)
+    shells = np.rint(radius).astype(np.int64)
+    shells.setflags(write=False)
+    return shells
 
 
+def shell_indices(box_size_px: int) -> np.ndarray:
+    """Shell index ``round(|k|)`` (pixels) of each coefficient of an ``s^3`` volume's ``rfftn`` (read-only;
+    cached, since every FSC of a map size uses the same grid)."""
+    return _shell_grid(int(box_size_px))
+
+
+@lru_cache(maxsize=8)
 def _half_grid_multiplicity(box_size_px: int) -> np.ndarray:
-    """How many coefficients of the full transform each ``rfftn`` coefficient stands for (1 or 2)."""
+    """How many coefficients of the full transform each ``rfftn`` coefficient stands for (1 or 2; read-only)."""
     s = int(box_size_px)
     count = np.full((s, s, s // 2 + 1), 2.0)
     count[..., 0] = 1.0
     if s % 2 == 0:
         count[..., -1] = 1.0
+    count.setflags(write=False)
     return count
+
+
+@lru_cache(maxsize=8)
+def _shell_bins(s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat shell index of the coefficients in shells ``<= s/2``, and which coefficients those are."""
+    shells = shell_indices(s).ravel()
+    keep = np.flatnonzero(shells <= s // 2)
+    kept = shells[keep]
+    kept.setflags(write=False)
+    keep.setflags(write=False)
+    return kept, keep
 
 
 def shell_sums(values: np.ndarray, box_size_px: int) -> np.ndarray:
     """Sum of a full-transform quantity given on the ``rfftn`` grid over each shell (``s//2+1`` shells)."""
     s = int(box_size_px)
-    shells = shell_indices(s).ravel()
-    weights = (values * _half_grid_multiplicity(s)).ravel()
-    keep = shells <= s // 2
-    return np.bincount(shells[keep], weights=weights[keep], minlength=s // 2 + 1)[: s // 2 + 1]
+    kept, keep = _shell_bins(s)
+    weights = (values * _half_grid_multiplicity(s)).ravel()[keep]
+    return np.bincount(kept, weights=weights, minlength=s // 2 + 1)[: s // 2 + 1]
+
+
+def _transform(volume: np.ndarray) -> np.ndarray:
+    """``rfftn`` in double precision on all of numba's threads (``--j``)."""
+    import numba
+
+    return scipy.fft.rfftn(np.asarray(volume, dtype=np.float64), workers=int(numba.get_num_threads()))
+
+
+def _correlation_of_transforms(f1: np.ndarray, f2: np.ndarray) -> np.ndarray:
+    s = f1.shape[0]
+    cross = shell_sums(f1.real * f2.real + f1.imag * f2.imag, s)
+    power1 = shell_sums(f1.real**2 + f1.imag**2, s)
+    power2 = shell_sums(f2.real**2 + f2.imag**2, s)
+    denominator = np.sqrt(power1 * power2)
+    return np.where(denominator > 0, cross / np.where(denominator > 0, denominator, 1.0), 0.0)
 
 
 def fourier_shell_correlation(map1: np.ndarray, map2: np.ndarray) -> np.ndarray:
     """FSC of two cubic maps per shell ``round(|k|)``, shells ``0 .. s/2``; 0 where a shell is empty."""
-    s = map1.shape[0]
-    f1 = np.fft.rfftn(np.asarray(map1, dtype=np.float64))
-    f2 = np.fft.rfftn(np.asarray(map2, dtype=np.float64))
-    cross = shell_sums(np.real(f1 * np.conj(f2)), s)
-    power1 = shell_sums(np.abs(f1) ** 2, s)
-    power2 = shell_sums(np.abs(f2) ** 2, s)
-    denominator = np.sqrt(power1 * power2)
-    return np.where(denominator > 0, cross / np.where(denominator > 0, denominator, 1.0), 0.0)
+    return _correlation_of_transforms(_transform(map1), _transform(map2))
 
 
 def shell_resolution_angstrom(box_size_px: int, pixel_size_angstrom: float) -> np.ndarray:
@@ -66,16 +96,20 @@ def shell_resolution_angstrom(box_size_px: int, pixel_size_angstrom: float) -> n
         return np.where(index > 0, box_size_px * pixel_size_angstrom / np.where(index > 0, index, 1.0), np.inf)
 
 
-def phase_randomise(volume: np.ndarray, from_shell: int, rng: np.random.Generator) -> np.ndarray:
+def phase_randomise(volume: np.ndarray, from_shell: int, rng: np.random.Generator, transform: np.ndarray | None = None) -> np.ndarray:
     """The map with the phases of every coefficient in shells ``>= from_shell`` replaced by random ones
-    (amplitudes kept; Hermitian symmetry kept by drawing the phases of a real white-noise map)."""
+    (amplitudes kept; Hermitian symmetry kept by drawing the phases of a real white-noise map).
+    ``transform``: the map's ``rfftn`` when the caller has it already."""
+    import numba
+
     s = volume.shape[0]
-    transform = np.fft.rfftn(np.asarray(volume, dtype=np.float64))
-    noise = np.fft.rfftn(rng.standard_normal(volume.shape))
+    workers = int(numba.get_num_threads())
+    transform = _transform(volume) if transform is None else transform
+    noise = scipy.fft.rfftn(rng.standard_normal(volume.shape), workers=workers)
     random_phase = np.exp(1j * np.angle(noise))
     outer = shell_indices(s) >= from_shell
     transform = np.where(outer, np.abs(transform) * random_phase, transform)
-    return np.fft.irfftn(transform, s=volume.shape)
+    return scipy.fft.irfftn(transform, s=volume.shape, workers=workers)
 
 
 def first_shell_below(curve: np.ndarray, threshold: float, start: int = 1) -> int:
@@ -168,7 +202,8 @@ def mask_corrected_fsc(
     s = half1.shape[0]
     index = np.arange(s // 2 + 1)
     resolution = shell_resolution_angstrom(s, pixel_size_angstrom)
-    unmasked = fourier_shell_correlation(half1, half2)
+    transforms = _transform(half1), _transform(half2)  # for the unmasked FSC and the phase randomisation
+    unmasked = _correlation_of_transforms(*transforms)
     if mask is None:
         return FscResult(index, resolution, unmasked, unmasked, np.zeros_like(unmasked), unmasked, len(index), s, pixel_size_angstrom)
     mask = np.asarray(mask, dtype=np.float64)
@@ -179,8 +214,8 @@ def mask_corrected_fsc(
     if randomise_from_shell >= len(index):
         return FscResult(index, resolution, unmasked, masked, np.zeros_like(masked), masked, randomise_from_shell, s, pixel_size_angstrom)
     rng = np.random.default_rng(seed)
-    random1 = phase_randomise(half1, randomise_from_shell, rng)
-    random2 = phase_randomise(half2, randomise_from_shell, rng)
+    random1 = phase_randomise(half1, randomise_from_shell, rng, transforms[0])
+    random2 = phase_randomise(half2, randomise_from_shell, rng, transforms[1])
     randomised = fourier_shell_correlation(random1 * mask, random2 * mask)
     corrected = masked.copy()
     outer = index >= randomise_from_shell

@@ -593,8 +593,28 @@ def backproject_slices(slices_fs, slice_weights, inverse_transposed, half_index,
             m = inverse_transposed[j]
             nx, ny, nz = m[2, 0], m[2, 1], m[2, 2]
             max_r2 = max_radius_px[j] * max_radius_px[j]
-            for y in range(s):
-                yy = y if y < half else y - s
+            if zz * zz > max_r2:
+                continue
+            # Rows that can hold a voxel of this plane: |nx x + ny yy + nz zz| < 1 for some x in [0, sh-1],
+            # and yy^2 + zz^2 <= max_r2 (a superset: the tests below are exact). Skipping the other rows
+            # leaves each voxel's sum over j in the same order, so the result is unchanged.
+            y_limit = np.sqrt(max_r2 - zz * zz)
+            y_low = -half if -y_limit < -half else int(np.floor(-y_limit))
+            y_high = half - 1 if y_limit > half - 1 else int(np.ceil(y_limit))
+            if ny != 0.0:
+                extent = nx * (sh - 1)
+                low = -1.0 - nz * zz - (extent if extent > 0.0 else 0.0)
+                high = 1.0 - nz * zz - (extent if extent < 0.0 else 0.0)
+                b0 = low / ny
+                b1 = high / ny
+                if b0 > b1:
+                    b0, b1 = b1, b0
+                if b0 > y_low:
+                    y_low = int(np.floor(b0)) if b0 < y_high else y_high + 1
+                if b1 < y_high:
+                    y_high = int(np.ceil(b1)) if b1 > y_low else y_low - 1
+            for yy in range(y_low, y_high + 1):
+                y = yy if yy >= 0 else yy + s
                 if yy * yy + zz * zz > max_r2:
                     continue
                 yz = ny * yy + nz * zz
@@ -633,6 +653,160 @@ def backproject_slices(slices_fs, slice_weights, inverse_transposed, half_index,
                     data_fs[h, z, y, x] += c * (np.conj(value) if conjugate else value)
                     g = slice_weights[j]
                     weight_fs[h, z, y, x] += c * (w00 * g[r0, c0] + w01 * g[r0, c1] + w10 * g[r1, c0] + w11 * g[r1, c1])
+
+
+@njit(cache=True, inline="always")
+def _signed(index, size):
+    """Signed frequency of FFT index ``index`` on an axis of ``size`` (numpy's ``fftfreq(size) * size``)."""
+    return index if index < (size + 1) // 2 else index - size
+
+
+@njit(cache=True, parallel=True)
+def shell_sums_rounded(grids, shell_count):
+    """Per-shell sums of 3D ``rfftn``-grid quantities and the voxel count, shell ``round(|k|)``.
+
+    ``grids`` : float64 (m, s, s, s//2+1); returns ``(sums (m, shell_count), counts (shell_count,))``;
+    voxels of shells ``>= shell_count`` are left out. Parallel over kz (partial sums per plane, added
+    at the end: no races, the same result for any thread count).
+    """
+    m = grids.shape[0]
+    s = grids.shape[1]
+    sh = grids.shape[3]
+    partial = np.zeros((s, m + 1, shell_count))
+    for z in prange(s):
+        zz = _signed(z, s)
+        for y in range(s):
+            yy = _signed(y, s)
+            for x in range(sh):
+                shell = int(np.floor(np.sqrt(zz * zz + yy * yy + x * x) + 0.5))
+                if shell >= shell_count:
+                    continue
+                partial[z, m, shell] += 1.0
+                for i in range(m):
+                    partial[z, i, shell] += grids[i, z, y, x]
+    total = partial.sum(axis=0)
+    return total[:m].copy(), total[m].copy()
+
+
+@njit(cache=True, parallel=True)
+def shell_sums_linear(values, bins):
+    """RELION's ``fftwHalf_3D_lin`` sums: each voxel of an ``rfftn`` grid adds ``(1 - t) v`` to bin
+    ``floor(r)`` and ``t v`` to the next (``t = r - floor(r)``), and its weights likewise; voxels with
+    ``floor(r) >= bins`` are left out. Returns ``(total, weight)`` of length ``bins + 1``."""
+    s = values.shape[0]
+    sh = values.shape[2]
+    partial = np.zeros((s, 2, bins + 1))
+    for z in prange(s):
+        zz = _signed(z, s)
+        for y in range(s):
+            yy = _signed(y, s)
+            for x in range(sh):
+                r = np.sqrt(zz * zz + yy * yy + x * x)
+                lower = int(np.floor(r))
+                if lower >= bins:
+                    continue
+                t = r - lower
+                v = values[z, y, x]
+                partial[z, 0, lower] += (1.0 - t) * v
+                partial[z, 1, lower] += 1.0 - t
+                partial[z, 0, lower + 1] += t * v
+                partial[z, 1, lower + 1] += t
+    total = partial.sum(axis=0)
+    return total[0].copy(), total[1].copy()
+
+
+@njit(cache=True, parallel=True)
+def half_set_shell_powers(data_fs, weight_fs, threshold, shell_count):
+    """Per-shell sums for the Wiener term of two half sets (``reconstruct.wiener_shell_ratio``).
+
+    Over the voxels of shell ``round(|k|) < shell_count`` where both weights exceed ``threshold[shell]``:
+    count, ``sum Re(V1 conj V2)`` and ``sum |V1 - V2|^2 / (1/W1 + 1/W2)`` with ``V_h = D_h / W_h``.
+    ``data_fs`` complex (2, s, s, s//2+1), ``weight_fs`` float (2, s, s, s//2+1).
+    Returns ``(count, cross, noise)``, each (shell_count,).
+    """
+    s = data_fs.shape[1]
+    sh = data_fs.shape[3]
+    partial = np.zeros((s, 3, shell_count))
+    for z in prange(s):
+        zz = _signed(z, s)
+        for y in range(s):
+            yy = _signed(y, s)
+            for x in range(sh):
+                shell = int(np.floor(np.sqrt(zz * zz + yy * yy + x * x) + 0.5))
+                if shell >= shell_count:
+                    continue
+                w1 = weight_fs[0, z, y, x]
+                w2 = weight_fs[1, z, y, x]
+                if not (w1 > threshold[shell] and w2 > threshold[shell]):
+                    continue
+                v1 = data_fs[0, z, y, x] / w1
+                v2 = data_fs[1, z, y, x] / w2
+                d = v1 - v2
+                partial[z, 0, shell] += 1.0
+                partial[z, 1, shell] += v1.real * v2.real + v1.imag * v2.imag
+                partial[z, 2, shell] += (d.real * d.real + d.imag * d.imag) / (1.0 / w1 + 1.0 / w2)
+    total = partial.sum(axis=0)
+    return total[0].copy(), total[1].copy(), total[2].copy()
+
+
+@njit(cache=True, parallel=True)
+def divide_by_regularised_weight(transform, weight_fs, added, floor_linear, floor_fraction, unit_shell_gain):
+    """CTF correction in place: ``T / d`` with ``d = max(W + added[round(r)], floor_fraction * F(r))``,
+    ``F`` the linear interpolation of ``floor_linear`` at radius ``r`` (RELION's heuristic floor;
+    ``floor_fraction = 0`` disables it). Voxels with ``floor(r) + 1 >= s//2 + 1`` or without a finite
+    positive ``d`` are zeroed. With ``unit_shell_gain``, each shell ``round(r)`` is further divided by its
+    mean gain ``<W / d>`` over its usable voxels (shells without gain are zeroed).
+
+    ``transform`` complex (s, s, s//2+1), modified; ``weight_fs`` float (same grid); ``added`` float64
+    indexed by ``round(r)`` (length > the largest shell of the grid; ``inf`` zeroes a shell);
+    ``floor_linear`` float64 (at least 2 values).
+    """
+    s = transform.shape[0]
+    sh = transform.shape[2]
+    half = s // 2
+    last = floor_linear.shape[0] - 2
+    shells = added.shape[0]
+    partial = np.zeros((s, 2, shells))
+    for z in prange(s):
+        zz = _signed(z, s)
+        for y in range(s):
+            yy = _signed(y, s)
+            for x in range(sh):
+                r = np.sqrt(zz * zz + yy * yy + x * x)
+                shell = int(np.floor(r + 0.5))
+                divisor = weight_fs[z, y, x] + added[shell]
+                if floor_fraction > 0.0:
+                    lower = int(np.floor(r))
+                    if lower > last:
+                        lower = last
+                    t = r - lower
+                    floor = floor_fraction * ((1.0 - t) * floor_linear[lower] + t * floor_linear[lower + 1])
+                    if floor > divisor:
+                        divisor = floor
+                if np.floor(r) + 1 < half + 1 and divisor > 0.0 and np.isfinite(divisor):
+                    transform[z, y, x] = transform[z, y, x] / divisor
+                    if unit_shell_gain:
+                        partial[z, 0, shell] += weight_fs[z, y, x] / divisor
+                        partial[z, 1, shell] += 1.0
+                else:
+                    transform[z, y, x] = 0.0
+    if not unit_shell_gain:
+        return
+    total = partial.sum(axis=0)
+    gain = np.zeros(shells)
+    for k in range(shells):
+        if total[1, k] > 0:
+            gain[k] = total[0, k] / total[1, k]
+    for z in prange(s):
+        zz = _signed(z, s)
+        for y in range(s):
+            yy = _signed(y, s)
+            for x in range(sh):
+                shell = int(np.floor(np.sqrt(zz * zz + yy * yy + x * x) + 0.5))
+                if gain[shell] > 0.0:
+                    transform[z, y, x] = transform[z, y, x] / gain[shell]
+                else:
+                    transform[z, y, x] = 0.0
 
 
 # ---------------------------------------------------------------------------------------------

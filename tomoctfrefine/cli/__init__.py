@@ -2,6 +2,7 @@
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 Input problems are printed one per line and exit with code 2, without a traceback unless ``--debug``.
+``--version`` (on the command and on every subcommand) prints ``tomoctfrefine <version>`` and exits 0.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from .. import __version__
 from ..errors import InputError
 
 SUBCOMMANDS = ("check", "refine", "simulate", "demo", "assess", "relion_shims")
@@ -27,9 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tomoctfrefine",
         description="Per-tilt CTF refinement for cryo-ET subtomogram averaging (RELION-compatible).",
     )
-    from .. import __version__
-
-    parser.add_argument("--version", action="version", version=f"tomoctfrefine {__version__}")
+    version = f"tomoctfrefine {__version__}"
+    parser.add_argument("--version", action="version", version=version, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         try:
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+    for subparser in subparsers.choices.values():  # `tomoctfrefine refine --version` too
+        subparser.add_argument("--version", action="version", version=version, help="print the version and exit")
     return parser
 
 

@@ -37,6 +37,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _log(message: str) -> None:
+    """A time-stamped line (over the progress bar on a terminal)."""
+    import time
+
+    from ..progress import print_line
+
+    print_line(f"[{time.strftime('%H:%M:%S')}] {message}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..assess import assess, summary_lines
 
@@ -62,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         mask_path=args.mask or None,
         truth_path=args.truth or None,
         snr=args.SNR if args.SNR > 0 else None,
-        log=print,
+        log=_log,
         regularisation=args.regularisation,
     )
     for line in summary_lines(summary):

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _truth_arrays(truth: dict, name: str) -> dict:
     tilts = truth["tomograms"][name]
-    return {key: np.array([t[key] for t in tilts]) for key in ("dfu", "dfv", "scale", "nominal", "pre_exposure")}
+    return {key: np.array([t[key] for t in tilts]) for key in ("dfu", "dfv", "dfang", "scale", "nominal", "pre_exposure")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = json.loads((folder / "refined" / "summary.json").read_text())
     print()
+    truth_entries = {}  # drawn in the plots
     for name in tomogram_names(after):
         start, refined, true = tomogram(before, name), tomogram(after, name), _truth_arrays(truth, name)
         sigma = np.asarray(summary["tomograms"][name].get("defocus_uncertainty_angstrom", np.zeros(start.tilt_count)))
@@ -69,14 +70,23 @@ def run(args: argparse.Namespace) -> int:
         hand = summary["tomograms"][name].get("hand")
         if hand:
             print(f"hand check: {hand['message']}")
+        truth_entries[name] = {"defocus_true_angstrom": mean_true, "defocus_u_true_angstrom": true["dfu"],
+                               "defocus_v_true_angstrom": true["dfv"], "defocus_angle_true_deg": true["dfang"],
+                               "scale_true": true["scale"]}
+    from ..report import extend_report
+
+    result = None
     if not args.no_assess:
         from ..assess import assess, summary_lines
+        from ..progress import print_line
 
         print("\n3. reconstructing the particle with the starting and the refined CTF ...")
         result = assess(read_optimisation_set(opt_path), read_optimisation_set(out), folder / "assess", box_size_px=128,
-                        crop_size_px=64, truth_path=folder / "data" / "ref" / "map_true.mrc")
+                        crop_size_px=64, truth_path=folder / "data" / "ref" / "map_true.mrc",
+                        log=lambda message: print_line(f"   [{time.strftime('%H:%M:%S')}] {message}"))
         for line in summary_lines(result):
             print("   " + line)
+    extend_report(folder / "refined", assessment=result, per_tomogram=truth_entries)  # truth and FSC in the plots
     print(f"\nplots: {folder / 'refined' / 'plots'}/*.png and {folder / 'refined' / 'logfile.pdf'}; "
           f"RELION files: {out}")
     print(f"demo finished in {time.time() - started:.0f} s")

@@ -17,7 +17,6 @@ import argparse
 import shlex
 import sys
 
-from .. import __version__
 from .. import options as schema
 from ..errors import InputError, Problem
 
@@ -104,7 +103,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     control.add_argument("--theme", default="", help="Console colours (RELION's GUI passes one; this program prints "
                                                      "without colours, so every theme looks the same)")
     control.add_argument("--list_themes", action="store_true", help="List the console themes and exit")
-    parser.add_argument("--version", action="version", version=f"tomoctfrefine {__version__}")
     parser.set_defaults(run=run)
     return parser
 

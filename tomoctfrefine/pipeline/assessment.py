@@ -1,14 +1,11 @@
 """Step 6 (``--assess``): reconstruct the particle with the input and with the refined CTF and report the FSC gain."""
 from __future__ import annotations
 
-import json
-
 from ..assess import assess, summary_lines
 from ..io.maps import read_map_header
 from ..io.optimisation_set import read_optimisation_set
-from ..report import write_report
-from .outputs import phase_maps
-from .workspace import Workspace, log, write_json
+from ..report import extend_report
+from .workspace import Workspace, log
 
 
 def assess_refinement(out_dir) -> dict:
@@ -23,9 +20,5 @@ def assess_refinement(out_dir) -> dict:
                     crop_size_px=crop, log=lambda message: log(workspace, f"assess: {message}"))
     for line in summary_lines(result):
         log(workspace, f"assess: {line}")
-    summary = json.loads((workspace.out_dir / "summary.json").read_text())
-    summary["assessment"] = result
-    write_json(workspace.out_dir / "summary.json", summary)
-    figure = workspace.out_dir / "assess" / "fsc.png"
-    write_report(summary, workspace.out_dir, phase_maps(workspace.out_dir), extra_images=[figure] if figure.exists() else [])
+    extend_report(workspace.out_dir, assessment=result)
     return result

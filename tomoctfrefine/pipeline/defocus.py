@@ -10,14 +10,13 @@ from ..distribute import World
 from ..io.maps import write_map
 from ..physics.geometry import fourier_grid_per_angstrom
 from ..physics.zernike import odd_phase_rad
-from ..progress import Progress
 from ..refine import defocus as defocus_mod
 from ..refine.handedness import check_handedness
 from ..refine.likelihood import FrequencyBand
 from ..statistics import TiltStatistics
 from .artefacts import DefocusResult, HandCheck
 from .inputs import RunInputs
-from .prepare import show_progress
+from .prepare import progress
 from .workspace import Workspace, finished, log
 
 
@@ -78,7 +77,7 @@ def refine_defocus(out_dir, world: World | None = None) -> None:
     data = RunInputs(workspace)
     names = data.with_statistics()
     mine = world.share(names, [data.particle_count(n) for n in names])
-    with Progress("defocus", sum(data.particle_count(n) for n in mine), len(mine), enabled=show_progress(world)) as bar:
+    with progress("defocus", workspace, world, sum(data.particle_count(n) for n in mine), len(mine)) as bar:
         for name in mine:
             target = workspace.artefact("refine_defocus", name)
             if finished(target):

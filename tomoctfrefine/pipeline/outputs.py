@@ -10,10 +10,10 @@ import numpy as np
 from ..distribute import World
 from ..io import particles as particles_io
 from ..io import tomograms as tomograms_io
-from ..io.maps import read_map, write_map
+from ..io.maps import write_map
 from ..io.optimisation_set import OptimisationSet, write_optimisation_set
 from ..refine.aberrations import full_centred_image
-from ..report import write_report
+from ..report import read_phase_maps, scale_uncertainty, write_report
 from .aberrations import group_results
 from .artefacts import DefocusResult, ScaleResult
 from .inputs import RunInputs
@@ -37,15 +37,6 @@ def portable(path: str | None) -> str | None:
         return str(absolute.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(absolute)
-
-
-def phase_maps(out_dir: Path) -> dict:
-    """The aberration phase maps written in ``out_dir`` (``group_<g>_<kind>_phase_<fit>.mrc``), by group."""
-    maps: dict = {}
-    for path in sorted(Path(out_dir).glob("group_*_phase_*.mrc")):
-        group, kind, _, fit = path.stem.split("_", 1)[1].split("_")
-        maps.setdefault(f"phase_group_{group}", {})[f"{kind} {fit}"] = np.squeeze(read_map(path)[0])
-    return maps
 
 
 def write_outputs(out_dir, world: World | None = None) -> Path:
@@ -95,9 +86,8 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
         if options.do_scale and finished(scale_file):
             fitted = ScaleResult.load(scale_file)
             scale = fitted.scale
-            information = np.asarray(fitted.information, dtype=float)
             entry.update(scale_after=scale, scale_per_tilt=fitted.estimate,
-                         scale_uncertainty=np.where(information > 0, 1.0 / np.sqrt(np.where(information > 0, information, 1.0)), -1.0),
+                         scale_uncertainty=scale_uncertainty(fitted.information),
                          scale_model=fitted.model, scale_message=fitted.message)
             if fitted.luminance is not None:
                 normal = fitted.ice_normal
@@ -137,7 +127,7 @@ def write_outputs(out_dir, world: World | None = None) -> Path:
         trajectories_path=portable(inputs.get("trajectories_path")), ref1_path=portable(inputs.get("ref1_path")),
         ref2_path=portable(inputs.get("ref2_path")), mask_path=portable(inputs.get("mask_path")),
         fsc_path=portable(inputs.get("fsc_path")), extra=dict(inputs.get("extra", {})), version="50001")
-    write_report(summary, workspace.out_dir, phase_maps(workspace.out_dir))
+    write_report(summary, workspace.out_dir, read_phase_maps(workspace.out_dir))
     write_json(workspace.out_dir / "summary.json", summary)
     write_optimisation_set(written, out)
     log(workspace, f"wrote {out}")

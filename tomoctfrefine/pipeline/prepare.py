@@ -40,6 +40,12 @@ def show_progress(world: World) -> bool | None:
     return None if world.is_leader and world.size == 1 else False
 
 
+def progress(step: str, workspace: Workspace, world: World, total_particles: int, tomograms: int) -> Progress:
+    """A step's progress: a bar on rank 0's terminal, and rate/ETA lines in run.log at least every few seconds."""
+    return Progress(step, total_particles, tomograms, enabled=show_progress(world), unit="particles",
+                    log=(lambda message: log(workspace, message)) if world.is_leader else None)
+
+
 def absolute_inputs(opt) -> dict:
     inputs: dict = {}
     for name in KEYS:
@@ -213,7 +219,7 @@ def _accumulate(workspace: Workspace, world: World) -> None:
     if todo:
         references, cutoff = references_and_cutoff(workspace)
         trajectories = read_trajectories(workspace.inputs["trajectories_path"]) if workspace.inputs.get("trajectories_path") else None
-        with Progress("prepare", sum(counts[n] for n in todo), len(todo), enabled=show_progress(world)) as bar:
+        with progress("prepare", workspace, world, sum(counts[n] for n in todo), len(todo)) as bar:
             for index, name in enumerate(todo, 1):
                 workspace.check_abort()
                 started = time.time()

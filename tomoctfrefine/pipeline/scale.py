@@ -14,14 +14,13 @@ from ..io import tomograms as tomograms_io
 from ..io.trajectories import read_trajectories
 from ..physics.geometry import fourier_grid_per_angstrom
 from ..physics.zernike import even_phase_rad, odd_phase_rad
-from ..progress import Progress
 from ..refine import defocus as defocus_mod
 from ..refine import scale as scale_mod
 from ..statistics import TiltStatistics
 from .artefacts import ScaleEvidence, ScaleResult
 from .inputs import RunInputs
 from .latest import evidence_path, latest_ctf
-from .prepare import show_progress
+from .prepare import progress
 from .references import neighbour_references
 from .workspace import Workspace, finished, log
 
@@ -106,7 +105,7 @@ def _evidence(workspace: Workspace, data: RunInputs, world: World) -> dict:
     todo = [n for n in mine if not finished(paths[n])]
     if todo:
         references = None
-        with Progress("scale", sum(data.particle_count(n) for n in todo), len(todo), enabled=show_progress(world)) as bar:
+        with progress("scale", workspace, world, sum(data.particle_count(n) for n in todo), len(todo)) as bar:
             for name in todo:
                 workspace.check_abort()
                 started = time.time()

@@ -248,18 +248,9 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data) -> None:
     """JSON, atomically; NaN is refused (other programs read it)."""
-    write_text(path, json.dumps(data, indent=1, allow_nan=False, default=jsonable))
+    from ..report import write_summary
 
-
-def jsonable(value):
-    """``json.dumps``' ``default``: arrays and numpy scalars as lists and numbers, paths as strings."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    write_summary(data, path)
 
 
 def save_arrays(path: Path, **arrays) -> None:
