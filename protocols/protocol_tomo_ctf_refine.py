@@ -1,8 +1,11 @@
 """Scipion protocol "tomo CTF refinement": per-tilt defocus, contrast scale and Zernike aberrations.
 
-Thin by design: convert Scipion's sets to a RELION-5 optimisation set, run the engine's pipeline one
-step per refinement (so "continue" resumes after the last finished one), register the results.
-It contains no numerics; the engine (``tomoctfrefine.pipeline``) does those.
+Thin by design: convert Scipion's sets to a RELION-5 optimisation set (``extra/input/``), run the
+engine's plan one step at a time (``pipeline.plan``, each step a process of ``engine_step.py``, under
+MPI when asked; "continue" resumes after the last finished one), register the results. The run's
+``extra/`` is laid out as a RELION job folder (``tomograms.star``, ``tilt_series/<name>.star``,
+``particles.star`` when aberrations were refined, ``optimisation_set.star``, ``note.txt`` with the
+equivalent ``tomoctfrefine refine`` command). It contains no numerics; the engine does those.
 """
 from __future__ import annotations
 
@@ -45,10 +48,12 @@ class ProtTomoCtfRefine(EMProtocol):
     fit, optionally regularised), the contrast scale of each tilt (per frame, or the Beer-Lambert ice
     model per tomogram or globally), and the odd and even Zernike aberrations of each optics group.
 
-    Inputs are Scipion tomo objects or an existing RELION optimisation set. Outputs: a new
-    SetOfCTFTomoSeries with the refined defocus (attribute _ctfScale holds the contrast scale per tilt),
-    the particles annotated with the Zernike coefficients and the RELION files, and the RELION
-    optimisation set itself for downstream RELION/reliontomo jobs.
+    Inputs are Scipion tomo objects (tilt series aligned by any program, at bin 1; tomograms and
+    coordinates at any binning; or subtomograms at their own sampling rate) or an existing RELION
+    optimisation set. Outputs: a new SetOfCTFTomoSeries with the refined defocus (attributes _ctfScale
+    and _defocusUncertainty per tilt), the particles with every optics group's refined row (Zernike
+    coefficients included) as opticsGroupInfo and each particle's _rlnOpticsGroup, as scipion-em-relion
+    keeps them, and the RELION optimisation set itself for downstream RELION/reliontomo jobs.
     """
 
     _label = "tomo CTF refinement"
