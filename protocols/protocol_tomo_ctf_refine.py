@@ -460,7 +460,8 @@ class ProtTomoCtfRefine(EMProtocol):
         particles = self.inReParticles.get() if self.inputFrom.get() == INPUT_SCIPION else None
         if particles is not None and particles.getSize():
             first = particles.getFirstItem()
-            if getattr(first, convert.ATTR_HALF_SET, None) is None:
+            coordinate = first.getCoordinate3D() if isinstance(first, SubTomogram) else None
+            if all(getattr(obj, convert.ATTR_HALF_SET, None) is None for obj in (first, coordinate)):
                 warnings.append("The particles carry no half set (_rlnRandomSubset): they are split into halves "
                                 "alternately, which is only right if the half maps were made that way.")
         return warnings
