@@ -28,7 +28,6 @@ from tomo.objects import SetOfCoordinates3D, SetOfCTFTomoSeries, SetOfSubTomogra
 from . import convert
 
 INPUT_SCIPION, INPUT_OPTIMISATION_SET = 0, 1
-ODD_ORDERS, EVEN_ORDERS = [3, 5, 7], [4, 6, 8]
 #: Run as a script, not with ``-m``: ``-m`` would import this package, hence Scipion, in every engine
 #: process and MPI rank (2 s each) although the engine needs none of it.
 ENGINE_SCRIPT = str(Path(__file__).with_name("engine_step.py"))
@@ -107,77 +106,7 @@ class ProtTomoCtfRefine(EMProtocol):
                            "whether the data agree (hand check plot) and, unless told otherwise (Defocus, "
                            "advanced), adopts the hand they decisively prefer and says so in the summary.")
 
-        form.addSection(label="Defocus")
-        form.addParam("boxSize", params.IntParam, default=512, validators=[params.GE(16)],
-                      label="Box size for estimation (px, bin 1)",
-                      help="Side of the square boxes cut around each particle in each tilt image, in "
-                           "tilt-series pixels (bin 1). RELION-5's tutorial uses 512; it must hold the "
-                           "particle and the CTF's delocalisation and fit in the tilt images. The values "
-                           "found do not depend on it. Wizard: from the particle diameter.")
-        form.addParam("refineDefocus", params.BooleanParam, default=True, label="Refine defocus?",
-                      help="Refine U, V and the astigmatism angle of every tilt.")
-        form.addParam("defocusRange", params.IntParam, default=3000, condition="refineDefocus",
-                      validators=[params.GT(0)], label="Defocus search range (± Å)",
-                      help="The first scan tests offsets from -range to +range Å around the input defocus "
-                           "(RELION's --d0 -R --d1 R). Wizard: from the spread of the input CTFs.")
-        form.addParam("defocusSteps", params.IntParam, default=100, condition="refineDefocus",
-                      validators=[params.GE(2)], expertLevel=params.LEVEL_ADVANCED,
-                      label="Defocus scan samples",
-                      help="Number of offsets tested in the scan (RELION's --ds).")
-        form.addParam("doDefocusReg", params.BooleanParam, default=True, condition="refineDefocus",
-                      label="Do defocus regularisation?",
-                      help="Pull each tilt's defocus towards its neighbours in the tilt series, weighted by "
-                           "how well the data determine it.")
-        form.addParam("regParam", params.FloatParam, default=0.1, condition="refineDefocus and doDefocusReg",
-                      validators=[params.GE(0)], label="Defocus regularisation lambda (dimensionless)",
-                      help="Strength of the regularisation (RELION's --lambda); 0.1 in RELION-5's tutorial.")
-        form.addParam("kMin", params.FloatParam, default=30.0, expertLevel=params.LEVEL_ADVANCED,
-                      validators=[params.GT(0)], label="Lowest resolution used (Å)",
-                      help="Frequencies below 1/kMin are ignored (RELION's --kmin).")
-        form.addParam("adoptHand", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
-                      label="Adopt the defocus hand the data prefer?",
-                      help="Every run compares the fit of both defocus hands. Yes: when the data decisively prefer "
-                           "the opposite hand, the refinement uses it and writes it (rlnTomoHand), saying so in "
-                           "the log and the summary. No: the input hand is kept and the verdict only reported "
-                           "(the CLI's --keep_hand).")
-        form.addParam("refineContrast", params.BooleanParam, default=True, label="Refine contrast scale?",
-                      help="Refine the contrast scale of each tilt (rlnCtfScalefactor).")
-        form.addParam("refineScalePerFrame", params.BooleanParam, default=True, condition="refineContrast",
-                      label="Refine scale per frame?",
-                      help="One free scale per tilt image. Exclusive with per tomogram; with neither, one "
-                           "Beer-Lambert ice model is fitted to all tomograms.")
-        form.addParam("refineScalePerTomo", params.BooleanParam, default=False, condition="refineContrast",
-                      label="Refine scale per tomogram?",
-                      help="A Beer-Lambert ice model (luminance, thickness, ice normal) per tomogram. "
-                           "Exclusive with per frame.")
-        form.addParam("modelNeighbours", params.BooleanParam, default=True, condition="refineContrast",
-                      expertLevel=params.LEVEL_ADVANCED, label="Model neighbouring particles?",
-                      help="Render every particle at the refined CTF and remove the neighbours' signal from each "
-                           "box before the scale is fitted (and the defocus polished). About twice as precise a "
-                           "scale in crowded tomograms; No is RELION's way (faster).")
-
-        form.addSection(label="Aberrations")
-        form.addParam("refineOddAbe", params.BooleanParam, default=False, label="Refine odd aberrations?",
-                      help="Odd Zernike terms (beam tilt, trefoil) per optics group.")
-        form.addParam("maxAbeOddOrder", params.EnumParam, choices=[str(o) for o in ODD_ORDERS], default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, condition="refineOddAbe",
-                      label="Max order of odd aberrations (Zernike n)",
-                      help="Highest radial order n of the odd Zernike polynomials; 3 is RELION's default.")
-        form.addParam("refineEvenAbe", params.BooleanParam, default=False, label="Refine even aberrations?",
-                      help="Even Zernike terms (spherical aberration, astigmatism corrections) per optics group.")
-        form.addParam("maxAbeEvenOrder", params.EnumParam, choices=[str(o) for o in EVEN_ORDERS], default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, condition="refineEvenAbe",
-                      label="Max order of even aberrations (Zernike n)",
-                      help="Highest radial order n of the even Zernike polynomials; 4 is RELION's default.")
-
-        form.addSection(label="Assessment")
-        form.addParam("doAssess", params.BooleanParam, default=False, label="Assess: reconstruct before/after?",
-                      help="After the refinement, reconstruct the particle from the tilt series twice, with the "
-                           "input CTF and with the refined one (same box, half sets and mask), and compare the "
-                           "mask-corrected gold-standard FSCs: resolution at FSC 0.143 before and after and the "
-                           "gain per frequency band (report, summary.json). Both FSCs become the output FSCs. "
-                           "It costs two particle reconstructions.")
-
+        self._defineOptionParams(form)
         form.addParallelSection(threads=1, mpi=1)
 
     # ------------------------------------------------------------------------------------ steps
@@ -194,45 +123,39 @@ class ProtTomoCtfRefine(EMProtocol):
             self._insertFunctionStep(self.engineStep, step, needsGPU=False)
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
-    def plannedOptions(self):
-        """The form as ``tomoctfrefine.pipeline.RefineOptions`` (what the engine runs)."""
-        from tomoctfrefine.pipeline import RefineOptions
+    def _defineOptionParams(self, form):
+        """The refinement's options, as the engine's schema declares them (``tomoctfrefine.options.FORM``: label,
+        help, default, condition and the RELION flag each sets are written there once)."""
+        from tomoctfrefine.options import FORM, form_default
 
-        values = self.refineOptions()
-        # The assessment is a step of the plan (options.assess), asked for on the form's Assessment tab.
-        values.setdefault("assess", bool(self.doAssess.get()))
-        return RefineOptions(**values)
+        kinds = {"bool": params.BooleanParam, "int": params.IntParam, "float": params.FloatParam,
+                 "enum": params.EnumParam}
+        section = None
+        for param in FORM:
+            if param.section != section:
+                form.addSection(label=param.section)
+                section = param.section
+            keywords = dict(default=form_default(param), label=param.label, help=param.help)
+            if param.condition:
+                keywords["condition"] = param.condition
+            if param.expert:
+                keywords["expertLevel"] = params.LEVEL_ADVANCED
+            if param.minimum is not None:
+                keywords["validators"] = [params.GE(param.minimum)]
+            if param.kind == "enum":
+                keywords.update(choices=[str(c) for c in param.choices], display=params.EnumParam.DISPLAY_HLIST)
+            form.addParam(param.name, kinds[param.kind], **keywords)
+
+    def plannedOptions(self):
+        """The form as ``tomoctfrefine.options.RefineOptions`` (what the engine runs)."""
+        from tomoctfrefine.options import FORM, options_from_form
+
+        values = {param.name: getattr(self, param.name).get() for param in FORM}
+        return options_from_form(values, threads=int(self.numberOfThreads.get() or 1))
 
     def refineOptions(self) -> dict:
-        """The form as keyword arguments of ``tomoctfrefine.pipeline.RefineOptions``."""
-        if not self.refineContrast:
-            scale_mode = "per_frame"
-        elif self.refineScalePerFrame:
-            scale_mode = "per_frame"
-        elif self.refineScalePerTomo:
-            scale_mode = "per_tomogram"
-        else:
-            scale_mode = "global"
-        defocus_range = float(self.defocusRange.get())
-        return dict(
-            box_size_px=int(self.boxSize.get()),
-            do_defocus=bool(self.refineDefocus.get()),
-            defocus_scan_min_angstrom=-defocus_range,
-            defocus_scan_max_angstrom=defocus_range,
-            defocus_scan_steps=int(self.defocusSteps.get()),
-            regularise_defocus=bool(self.refineDefocus.get() and self.doDefocusReg.get()),
-            regularisation_lambda=float(self.regParam.get()),
-            kmin_angstrom=float(self.kMin.get()),
-            do_scale=bool(self.refineContrast.get()),
-            scale_mode=scale_mode,
-            do_even_aberrations=bool(self.refineEvenAbe.get()),
-            even_order=EVEN_ORDERS[self.maxAbeEvenOrder.get()],
-            do_odd_aberrations=bool(self.refineOddAbe.get()),
-            odd_order=ODD_ORDERS[self.maxAbeOddOrder.get()],
-            threads=max(1, int(self.numberOfThreads.get() or 1)),
-            model_neighbours=bool(self.modelNeighbours.get()),
-            adopt_hand=bool(self.adoptHand.get()),
-        )
+        """The form as keyword arguments of ``tomoctfrefine.options.RefineOptions``."""
+        return dataclasses.asdict(self.plannedOptions())
 
     # paths (relative to the project directory, the working directory of every step)
     def inputDir(self) -> str:
@@ -391,9 +314,9 @@ class ProtTomoCtfRefine(EMProtocol):
         refine_anything = self.refineDefocus or self.refineContrast or self.refineOddAbe or self.refineEvenAbe
         if not refine_anything:
             errors.append("Nothing to refine: enable defocus, scale or aberrations.")
-        if self.refineContrast and self.refineScalePerFrame and self.refineScalePerTomo:
-            errors.append("Per-frame and per-tomogram scale are exclusive: choose one (neither fits one "
-                          "Beer-Lambert model to all tomograms).")
+        from tomoctfrefine.options import form_labels, option_problems
+
+        errors += [str(problem) for problem in option_problems(self.plannedOptions(), naming="form", labels=form_labels())]
         if self.inputFrom.get() == INPUT_OPTIMISATION_SET:
             errors += self._validateOptimisationSet()
         else:

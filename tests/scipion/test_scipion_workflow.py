@@ -136,7 +136,11 @@ def test_imports_give_aligned_tilt_series_ctf_and_oriented_coordinates(project):
 def test_validate_catches_bad_combinations(project):
     protocol = _refine_protocol(project, None, refineScalePerFrame=True, refineScalePerTomo=True, boxSize=300)
     errors = protocol.validate()
-    assert any("exclusive" in e for e in errors)
+    assert ("Refine scale per frame? / Refine scale per tomogram?: the per-frame and per-tomogram scale models "
+            "exclude each other; choose one of them") in errors
+    odd = _refine_protocol(project, None, boxSize=301)
+    assert ("Box size for estimation (px, bin 1): the box size must be an even number of pixels, at least 16, got 301; "
+            "use an even box such as 128, 256 or 512") in odd.validate()
     assert any("Box size 300 px is larger than the tilt images (256 x 256 px)" in e for e in errors)
     # The same half maps declared at 4 Å/px (a bin-2 average): refused.
     from pwem.protocols import ProtImportVolumes
