@@ -19,7 +19,8 @@ README.rst holds generated blocks between two RST comments, ``.. begin: NAME`` a
 ``tests/test_readme_figures.py`` checks that README's blocks equal what this script renders from the
 committed results, and that README's demo block has the demo's current output format (numbers masked).
 
-``speed_results.json``: ``{"date", "cores", "machine", "warm_up_s", "rows": [...]}``; each row has
+``speed_results.json``: ``{"date", "cores", "machine", "warm_up_s", "relion", "rows": [...]}`` ("machine",
+"warm_up_s" and "relion", a sentence on how RELION's times were taken, are optional); each row has
 ``steps``, ``box``, ``parallel`` (or ``mode``: ``threads``/``mpi``/``single``) and any of ``wall_s``,
 ``cpu_s``, ``peak_mb``, ``load``, ``relion_wall_s`` (or ``relion_s``), ``relion_cpu_s``,
 ``relion_peak_mb`` (or ``relion_mb``); a column no row has is left out of the table.
@@ -597,7 +598,7 @@ def render_speed(record: dict) -> str:
     text = (f"Speed (``benchmarks/speed.py``, ``benchmarks/speed_results.json``): the accuracy data ({_shape(params)}, "
             f"{params.box_size_px}³ reference), one fresh process per row, numba compiled and cached first"
             + (f" (the warm-up run took {record['warm_up_s']:.1f} s)" if record.get("warm_up_s") else "")
-            + f"; run {record['date']} on {record['cores']} cores, {record['machine']}"
+            + f"; run {record['date']} on {record['cores']} cores" + (f", {record['machine']}" if record.get("machine") else "")
             + (f" (load average {_range(loads, 1)} at the rows' starts)" if loads else "") + ". "
             + (f"{record['relion']}. " if record.get("relion") else "")
             + "\"everything\" is defocus, per-frame scale, even and odd aberrations, with the hand check and the "

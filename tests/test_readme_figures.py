@@ -98,7 +98,7 @@ def test_a_changed_benchmark_output_is_an_error_not_a_guess(tmp_path):
 def test_speed_table_shows_the_columns_the_results_have(tmp_path):
     """speed_results.json may carry RELION's CPU time and peak memory per row (a side-by-side run), or
     not: columns no row has are left out, the speed-up is RELION's wall time over ours."""
-    record = {"date": "today", "cores": 2, "machine": "otherwise idle",
+    record = {"date": "today", "cores": 2,
               "rows": [{"steps": "defocus", "box": 256, "mode": "threads", "wall_s": 10.0, "cpu_s": 18.0, "peak_mb": 500.0,
                         "relion_wall_s": 25.0, "relion_cpu_s": 45.0, "relion_peak_mb": 600.0},
                        {"steps": "defocus", "box": 256, "mode": "mpi", "wall_s": 8.0, "cpu_s": 15.0, "peak_mb": 900.0}]}
