@@ -10,11 +10,14 @@ of size max(512, 2s), weights up to Nyquist (the most expensive case).
 
     python benchmarks/forward_model.py                      # box 128 and 256, 1 and 2 threads
     python benchmarks/forward_model.py --boxes 512 --particles 150 --threads 2   # memory at box 512
+    python benchmarks/forward_model.py --boxes 128 256 512 --json benchmarks/forward_model_results.json \
+        | tee benchmarks/forward_model_results.txt           # the table README.rst shows (benchmarks/readme.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,6 +35,7 @@ def run_child(box: int, threads: list[int], particles: int, tilts: int, flipped:
     from tomoctfrefine.physics.geometry import euler_zyz_matrices, projection_matrix
     from tomoctfrefine.statistics import compute_statistics
 
+    load = os.getloadavg()[0]  # the machine may be shared: the wall times depend on it, the CPU times less
     rng = np.random.default_rng(0)
     image = max(512, 2 * box)
     size = (image, image, 200)
@@ -79,7 +83,7 @@ def run_child(box: int, threads: list[int], particles: int, tilts: int, flipped:
         del stats
     return dict(rows=rows, prepare_seconds=prepare_seconds, prepare_peak_mb=prep_peak / 2**20,
                 references_mb=refs.nbytes / 2**20, stack_mb=images.nbytes / 2**20,
-                max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, load=load)
 
 
 def main(argv=None) -> int:
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tilts", type=int, default=41)
     parser.add_argument("--flipped-hand", action="store_true", help="also accumulate the opposite-hand statistics")
     parser.add_argument("--crop", type=float, default=None, help="weights and references cut at this fraction of Nyquist")
+    parser.add_argument("--json", help="also write the measurements to this file (read by benchmarks/readme.py)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
               f"{'refs MB':>8} {'stack MB':>8} {'prep s':>7} {'prep peak MB':>12} {'max RSS MB':>10}")
     print(header)
     print("-" * len(header))
+    record = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cores=os.cpu_count(), tilts=args.tilts,
+                  particles=args.particles, flipped_hand=args.flipped_hand, crop=args.crop, boxes=[])
     for box in args.boxes:
         command = [sys.executable, __file__, "--child", "--boxes", str(box), "--particles", str(args.particles),
                    "--tilts", str(args.tilts), "--threads", *map(str, args.threads)]
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
         if args.crop:
             command += ["--crop", str(args.crop)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        record["boxes"].append(dict(box=box, **result))
         for row in result["rows"]:
             print(f"{row['box']:>5} {row['threads']:>7} {row['pairs']:>6} {row['seconds']:>8.2f} {row['pairs_per_second']:>8.0f} "
                   f"{row['cpu_seconds']:>7.2f} "
@@ -118,6 +126,12 @@ def main(argv=None) -> int:
     print("seconds: wall clock (pairs/s from it); CPU s: process CPU time (all threads), a load-independent cost")
     print("stats peak MB: tracemalloc peak of the numpy allocations made by compute_statistics (statistics arrays, "
           "one chunk of boxes, spectra and slices, per-tilt arrays; not the stack or references); max RSS: whole process incl. tilt stack, references and numba")
+    loads = [entry["load"] for entry in record["boxes"]]
+    print(f"{record['date']}; {record['cores']} cores; load average (1 min) at the start of each box {min(loads):.1f}-{max(loads):.1f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=1)
+            handle.write("\n")
     return 0
 
 
